@@ -1,0 +1,283 @@
+"""Tests of vae.py: the blocks against their formulas, the VAE's structural promises, the training helpers."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vae
+from vae import (PRESETS, Attention, Block, PointEmbed, RMSNorm, RoPE, SwiGLU, TrackVAE, VAEConfig, apply_rope,
+                 global_batch_at, load_vae, lr_at, parse_config, save_checkpoint)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def micro_config(**overrides):
+    """A VAE small enough for a unit test: 8 frames, 4x4 grid, 1 layer each, 32 px random DINOv2."""
+    base = dict(PRESETS["tiny"], n_frames=8, n_enc=4, n_dec=4, image_size=28, image_pos_size=28, image_dim=32,
+                image_layers=1, image_heads=2, dim=32, enc_layers=1, dec_layers=1, head_dim=16, latent_channels=4,
+                grid_size=4, fourier_bands=8, num_workers=0)
+    base.update(overrides)
+    return VAEConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+
+@pytest.mark.parametrize("n_axes", [1, 2, 3])
+def test_rope_scores_depend_only_on_position_difference(n_axes):
+    torch.manual_seed(0)
+    rope = RoPE(head_dim=24, max_freqs=[40 * math.pi] * n_axes)
+    q, k = torch.randn(2, 1, 1, 1, 24).unbind(0)
+    pq, pk, shift = torch.rand(3, 1, n_axes) * 2 - 1
+
+    def score(a, b):
+        return (apply_rope(q, rope(a)) * apply_rope(k, rope(b))).sum()
+
+    assert torch.allclose(score(pq, pk), score(pq + shift, pk + shift), atol=1e-4)
+    # ... and the score does change with the difference (the rotation is not the identity)
+    assert not torch.allclose(score(pq, pk), score(pq, pk + 0.05), atol=1e-3)
+
+
+def test_rope_frequencies_are_geometric_per_axis():
+    rope = RoPE(head_dim=64, max_freqs=(10 * math.pi, 40 * math.pi, 40 * math.pi))
+    sizes = [int((rope.axis == a).sum()) for a in range(3)]
+    assert sizes == [11, 11, 10]
+    for a, top in enumerate((10 * math.pi, 40 * math.pi, 40 * math.pi)):
+        f = rope.freq[rope.axis == a]
+        assert f[0].item() == pytest.approx(1.0) and f[-1].item() == pytest.approx(top, rel=1e-5)
+        ratios = f[1:] / f[:-1]
+        assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-4)
+    # a one-pixel step at 256 px (2/255 in unit coordinates) turns the fastest pair by about 0.5 rad
+    assert 0.3 < rope.freq.max().item() * 2 / 255 < 1.0
+
+
+def test_rope_axis_order_is_t_y_x():
+    rope = RoPE(head_dim=12, max_freqs=(1.0, 2.0, 3.0))  # 2 pairs per axis: t, then y, then x
+    cos, _ = rope(torch.tensor([[0.0, 0.0, 1.0]]))       # only x moves
+    assert torch.allclose(cos[0, :4], torch.ones(4)) and not torch.allclose(cos[0, 4:6], torch.ones(2))
+
+
+def test_rmsnorm_formula_and_zero_init_adaptive():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    norm = RMSNorm(8)
+    norm.weight.data = torch.rand(8)
+    expect = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert torch.allclose(norm(x), expect, atol=1e-6)
+    ada = RMSNorm(8, cond_dim=3)
+    cond = torch.randn(2, 3)
+    assert torch.allclose(ada(x, cond), RMSNorm(8)(x), atol=1e-6)  # zero-init: starts as plain RMSNorm
+    ada.cond.bias.data.fill_(1.0)
+    assert torch.allclose(ada(x, cond), 2 * RMSNorm(8)(x), atol=1e-5)
+
+
+def test_swiglu_formula_and_parameter_count():
+    torch.manual_seed(0)
+    ffn = SwiGLU(8, ffn_mult=3)
+    assert sum(p.numel() for p in ffn.parameters()) == 9 * 8 * 8
+    x = torch.randn(4, 8)
+    w1, w2 = ffn.w12.weight[:24], ffn.w12.weight[24:]
+    expect = (F.silu(x @ w1.T) * (x @ w2.T)) @ ffn.w3.weight.T
+    assert torch.allclose(ffn(x), expect, atol=1e-6)
+
+
+def test_attention_matches_softmax_formula_with_mask_and_rope():
+    torch.manual_seed(0)
+    attn = Attention(dim=8, head_dim=4, kv_dim=6)
+    x, ctx = torch.randn(2, 3, 8), torch.randn(2, 5, 6)
+    rope_x, rope_c = RoPE(4, (3.0,))(torch.rand(2, 3, 1)), RoPE(4, (3.0,))(torch.rand(2, 5, 1))
+    mask = torch.tensor([True, True, False, True, False]).view(1, 1, 1, 5)
+    out = attn(x, rope_x, ctx, rope_c, mask=mask)
+    q = apply_rope(attn.split_heads(attn.q(x)), rope_x)
+    k, v = (attn.split_heads(t) for t in attn.kv(ctx).chunk(2, -1))
+    k = apply_rope(k, rope_c)
+    scores = (q @ k.transpose(-1, -2)) / 2.0 + torch.where(mask, 0.0, -torch.inf)
+    expect = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 3, 8))
+    assert torch.allclose(out, expect, atol=1e-5)
+
+
+def test_block_is_pre_norm_residual_self_cross_ffn():
+    torch.manual_seed(0)
+    block = Block(dim=8, head_dim=4, ctx_dim=6)
+    x, ctx = torch.randn(2, 3, 8), torch.randn(2, 5, 6)
+    h = x + block.self_attn(block.norm1(x), None)
+    h = h + block.cross_attn(block.norm2(h), None, ctx, None)
+    h = h + block.ffn(block.norm3(h))
+    assert torch.allclose(block(x, None, ctx, None), h, atol=1e-6)
+    # release parameter count per layer: self 4d^2, cross 2d^2 + 2 d ctx, SwiGLU 9d^2 (+ 3 norms)
+    assert sum(p.numel() for p in block.parameters()) == 4 * 64 + 2 * 64 + 2 * 8 * 6 + 9 * 64 + 3 * 8
+
+
+def test_point_embed_fourier_features():
+    emb = PointEmbed(2, dim=6, n_bands=3, max_freq=4.0, n_blocks=0)
+    assert torch.allclose(emb.freq, torch.tensor([1.0, 2.0, 4.0]))
+    xy = torch.tensor([[0.3, -0.7]])
+    angle = torch.tensor([0.3, 0.6, 1.2, -0.7, -1.4, -2.8])
+    expect = emb.proj(torch.cat([angle.sin(), angle.cos()])[None])
+    assert torch.allclose(emb(xy), expect, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- the VAE
+
+@pytest.fixture(scope="module")
+def micro_vae():
+    torch.manual_seed(0)
+    return TrackVAE(micro_config()).eval()
+
+
+def test_encode_decode_shapes(micro_vae):
+    cfg = micro_vae.cfg
+    image = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    tracks = torch.rand(2, 5, cfg.n_frames, 2) * 2 - 1
+    mean, logvar = micro_vae.encode(image, tracks)
+    assert mean.shape == logvar.shape == (2, cfg.grid_size ** 2, cfg.latent_channels)
+    out = micro_vae.decode(mean, image, torch.rand(2, 7, 2) * 2 - 1)
+    assert out.shape == (2, 7, cfg.n_frames, 2)
+    dense = micro_vae.decode_dense(mean, image, height=3, width=5)
+    assert dense.shape == (2, 3, 5, cfg.n_frames, 2)
+    with pytest.raises(ValueError, match="tracks"):
+        micro_vae.encode(image, tracks.transpose(1, 2)[..., :1])
+    with pytest.raises(ValueError, match="image"):
+        micro_vae.encode(image[:, :, :20], tracks)
+
+
+def test_point_decoded_alone_equals_point_among_others(micro_vae):
+    torch.manual_seed(1)
+    cfg = micro_vae.cfg
+    image = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    z = torch.randn(1, cfg.grid_size ** 2, cfg.latent_channels)
+    queries = torch.rand(1, 101, 2) * 2 - 1
+    together = micro_vae.decode(z, image, queries)
+    alone = micro_vae.decode(z, image, queries[:, :1])
+    assert torch.allclose(together[:, :1], alone, atol=1e-5)
+    perm = torch.randperm(101)
+    assert torch.allclose(micro_vae.decode(z, image, queries[:, perm]), together[:, perm], atol=1e-5)
+    assert torch.allclose(micro_vae.decode(z, image, queries, chunk=7), together, atol=1e-5)
+
+
+def test_dense_decode_equals_pointwise_decode(micro_vae):
+    cfg = micro_vae.cfg
+    image = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    z = torch.randn(1, cfg.grid_size ** 2, cfg.latent_channels)
+    dense = micro_vae.decode_dense(z, image, height=4, width=6, chunk=5)
+    # pixel (row 1, col 4) of a 4 x 6 frame in unit coordinates: u = 2 p / (size - 1) - 1
+    point = torch.tensor([[[2 * 4 / 5 - 1, 2 * 1 / 3 - 1]]])
+    assert torch.allclose(dense[0, 1, 4], micro_vae.decode(z, image, point)[0, 0], atol=1e-5)
+
+
+def test_latent_layout_and_temporal_slots():
+    torch.manual_seed(0)
+    seq = TrackVAE(micro_config(latent_layout="sequence"))
+    assert torch.count_nonzero(seq.latent_pos) == 0
+    slots = TrackVAE(micro_config(temporal_slots=2))
+    assert slots.n_latents == 2 * 16 and sorted(set(slots.latent_pos[:, 0].tolist())) == [-0.5, 0.5]
+    mean, _ = slots.encode(torch.randn(1, 3, 28, 28), torch.rand(1, 3, 8, 2))
+    assert mean.shape == (1, 32, 4)
+
+
+def test_occlusion_mask_removes_points_from_loss():
+    torch.manual_seed(0)
+    model = TrackVAE(micro_config(mask_occluded=True)).eval()
+    image, tracks = torch.randn(1, 3, 28, 28), torch.rand(1, 8, 8, 2) * 2 - 1
+    visible = torch.ones(1, 8, 8, dtype=torch.bool)
+    visible[0, 6:, 3:] = False
+    out = model(image, tracks, visible)
+    # moving the occluded targets changes nothing when they are masked ...
+    moved = tracks.clone()
+    moved[0, 6:, 3:] += 0.5
+    assert torch.allclose(model(image, moved, visible)["l1"], out["l1"])
+    # ... and does change the loss of the default model
+    model.cfg.mask_occluded = False
+    assert not torch.allclose(model(image, moved, visible)["l1"], model(image, tracks, visible)["l1"])
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = micro_config(dim=48, enc_layers=1, dec_layers=1, n_enc=8, n_dec=0)
+    model = TrackVAE(cfg)
+    image = torch.randn(2, 3, 28, 28)
+    t = torch.linspace(0, 1, 8).view(1, 1, 8, 1)
+    start = torch.rand(2, 8, 1, 2) * 1.6 - 0.8
+    velocity = torch.rand(2, 8, 1, 2) * 0.4 - 0.2
+    tracks = start + t * velocity + 0.05 * torch.sin(6 * t) * velocity.flip(-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    for step in range(500):
+        out = model(image, tracks)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        if out["l1"].item() < 0.02:
+            break
+    model.eval()
+    assert model(image, tracks)["l1"].item() < 0.02
+
+
+def test_paper_preset_parameter_count():
+    cfg = VAEConfig(image_encoder="random")  # the paper's architecture, built without weights
+    with torch.device("meta"):
+        model = TrackVAE(cfg, pretrained=False)
+    groups = vae.vae_parameter_groups(model)
+    assert abs(sum(groups.values()) - 339.2e6) / 339.2e6 < 0.03
+    assert abs(groups["image encoder"] - 86.6e6) / 86.6e6 < 0.01
+    assert abs(groups["encoder"] - 131.0e6) / 131.0e6 < 0.03
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def test_schedules_at_chosen_steps():
+    cfg = VAEConfig(lr=1e-4, warmup_steps=300, max_steps=1000, decay_frac=0.2, batch_start=64, batch_end=256,
+                    batch_ramp_steps=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-4 / 300)
+    assert lr_at(299, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, cfg) == pytest.approx(1e-4)
+    assert lr_at(900, cfg) == pytest.approx(0.5e-4)
+    assert lr_at(999, cfg) == pytest.approx(1e-4 / 200)
+    assert [global_batch_at(s, cfg) for s in (0, 50, 100, 5000)] == [64, 160, 256, 256]
+
+
+def test_step_sampler_same_samples_for_any_world_size():
+    cfg = VAEConfig(max_steps=3, batch_start=8, batch_end=16, batch_ramp_steps=2, micro_batch=2)
+
+    def per_step(world):
+        samplers = [iter(vae.StepSampler(cfg, r, world, 0, 0)) for r in range(world)]
+        steps = []
+        for s in range(3):
+            n_acc = vae.accumulation_steps(s, cfg, world)
+            steps.append(sorted(i for it in samplers for _ in range(n_acc) for i in next(it)))
+        return steps
+
+    assert per_step(1) == per_step(2) == per_step(4) == [list(range(8)), list(range(8, 20)), list(range(20, 36))]
+
+
+def test_parse_config_presets_types_and_unknown_flags():
+    cfg = parse_config(VAEConfig, PRESETS, ["--preset", "tiny", "--max_steps=7", "--dry-run", "--lr", "0.5"])
+    assert (cfg.max_steps, cfg.dry_run, cfg.lr, cfg.dim) == (7, True, 0.5, PRESETS["tiny"]["dim"])
+    assert parse_config(VAEConfig, PRESETS, ["--preset=paper"]).dim == 768
+    for bad in (["--no_such_flag=1"], ["--max_steps=seven"], ["--preset=huge"]):
+        with pytest.raises(SystemExit):
+            parse_config(VAEConfig, PRESETS, bad)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path, micro_vae):
+    import dataclasses
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"kind": "vae", "model": micro_vae.state_dict(),
+                           "config": dataclasses.asdict(micro_vae.cfg)})
+    loaded = load_vae(path)
+    for (name, a), b in zip(micro_vae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    save_checkpoint(path, {"kind": "planner", "model": {}, "config": {}})
+    with pytest.raises(ValueError, match="expected a 'vae' checkpoint"):
+        load_vae(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_vae(str(tmp_path / "junk.pt"))
+    other = dataclasses.asdict(micro_config(dim=64))
+    save_checkpoint(path, {"kind": "vae", "model": micro_vae.state_dict(), "config": other})
+    with pytest.raises(ValueError, match="do not fit"):
+        load_vae(path)
+    with pytest.raises(ValueError, match="no such"):
+        load_vae(str(tmp_path / "missing.pt"))
