@@ -531,14 +531,20 @@ def lr_at(step, cfg):
 
 
 def global_batch_at(step, cfg):
-    """Global batch, ramped linearly from batch_start to batch_end over batch_ramp_steps (Table F: 64 -> 256)."""
+    """Global batch, ramped linearly from batch_start to batch_end over batch_ramp_steps (Table F: 64 -> 256),
+    in whole multiples of batch_start so that every value splits evenly over the processes."""
     frac = min(1.0, step / max(1, cfg.batch_ramp_steps))
-    return round(cfg.batch_start + frac * (cfg.batch_end - cfg.batch_start))
+    return cfg.batch_start * int((cfg.batch_start + frac * (cfg.batch_end - cfg.batch_start)) // cfg.batch_start)
 
 
 def accumulation_steps(step, cfg, world):
-    """Micro-steps per optimiser step so that micro_batch * world * steps covers the global batch."""
-    return max(1, math.ceil(global_batch_at(step, cfg) / (cfg.micro_batch * world)))
+    """Micro-steps per optimiser step: global batch / (micro_batch * world), which must divide evenly, so the
+    samples of every step are the same for any number of processes."""
+    per_round = cfg.micro_batch * world
+    if cfg.batch_start % per_round or cfg.batch_end % cfg.batch_start:
+        raise ValueError(f"batch_start={cfg.batch_start} must be a multiple of micro_batch * world size = "
+                         f"{cfg.micro_batch} * {world}, and batch_end={cfg.batch_end} a multiple of batch_start")
+    return global_batch_at(step, cfg) // per_round
 
 
 class StepSampler(torch.utils.data.Sampler):

@@ -1,4 +1,5 @@
 """Tests of vae.py: the blocks against their formulas, the VAE's structural promises, the training helpers."""
+import dataclasses
 import math
 import os
 import subprocess
@@ -235,11 +236,14 @@ def test_schedules_at_chosen_steps():
     assert lr_at(500, cfg) == pytest.approx(1e-4)
     assert lr_at(900, cfg) == pytest.approx(0.5e-4)
     assert lr_at(999, cfg) == pytest.approx(1e-4 / 200)
-    assert [global_batch_at(s, cfg) for s in (0, 50, 100, 5000)] == [64, 160, 256, 256]
+    assert [global_batch_at(s, cfg) for s in (0, 50, 75, 100, 5000)] == [64, 128, 192, 256, 256]
+    assert vae.accumulation_steps(75, dataclasses.replace(cfg, micro_batch=16), world=4) == 3
+    with pytest.raises(ValueError, match="micro_batch"):
+        vae.accumulation_steps(0, dataclasses.replace(cfg, micro_batch=48), world=1)
 
 
 def test_step_sampler_same_samples_for_any_world_size():
-    cfg = VAEConfig(max_steps=3, batch_start=8, batch_end=16, batch_ramp_steps=2, micro_batch=2)
+    cfg = VAEConfig(max_steps=3, batch_start=8, batch_end=16, batch_ramp_steps=2, micro_batch=2)  # 8, 8, 16
 
     def per_step(world):
         samplers = [iter(vae.StepSampler(cfg, r, world, 0, 0)) for r in range(world)]
@@ -249,7 +253,7 @@ def test_step_sampler_same_samples_for_any_world_size():
             steps.append(sorted(i for it in samplers for _ in range(n_acc) for i in next(it)))
         return steps
 
-    assert per_step(1) == per_step(2) == per_step(4) == [list(range(8)), list(range(8, 20)), list(range(20, 36))]
+    assert per_step(1) == per_step(2) == per_step(4) == [list(range(8)), list(range(8, 16)), list(range(16, 32))]
 
 
 def test_parse_config_presets_types_and_unknown_flags():
@@ -262,7 +266,6 @@ def test_parse_config_presets_types_and_unknown_flags():
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path, micro_vae):
-    import dataclasses
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(path, {"kind": "vae", "model": micro_vae.state_dict(),
                            "config": dataclasses.asdict(micro_vae.cfg)})
