@@ -58,6 +58,8 @@ class VAEConfig:
     grid_size: int = 16
     temporal_slots: int = 1            # Sec. D: 1 = one grid for all 64 frames (64x compression)
     latent_layout: str = "grid"        # Fig. J: "grid" (grid RoPE positions) or "sequence" (no positions)
+    predict_offsets: bool = False      # Sec. B: absolute coordinates were best at scale; offsets from the start
+                                       # point start at the static baseline, which a short CPU run needs
     fourier_bands: int = 32
     rope_max_freq_space: float = 40 * math.pi  # resolves about one pixel on [-1, 1] (DESIGN.md "Conventions")
     rope_max_freq_time: float = 10 * math.pi
@@ -100,6 +102,7 @@ PRESETS = {
         n_frames=16, n_enc=32, n_dec=32, synth_tracks=256, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False,
         dim=96, enc_layers=2, dec_layers=2, head_dim=32, latent_channels=8, grid_size=8, fourier_bands=16,
+        predict_offsets=True,
         max_steps=1500, lr=2e-3, warmup_steps=100, decay_frac=0.3, batch_start=16, batch_end=16,
         batch_ramp_steps=1, micro_batch=16, log_every=50, val_every=500, val_clips=16, ckpt_every=500,
         num_workers=1, out_dir="out/tiny/vae"),
@@ -286,6 +289,7 @@ class ImageEncoder(nn.Module):
                 hidden_size=cfg.image_dim, num_hidden_layers=cfg.image_layers, num_attention_heads=cfg.image_heads,
                 mlp_ratio=4, patch_size=cfg.image_patch, image_size=cfg.image_pos_size,
                 num_register_tokens=cfg.image_registers, layerscale_value=1.0, layer_norm_eps=1e-6))
+        self.net.embeddings.mask_token = None  # only for masked-image pre-training; unused, and DDP wants none
         self.n_skip = 1 + cfg.image_registers
         side = cfg.image_size // cfg.image_patch
         pos = torch.cat([torch.full((side * side, 1), -1.0), grid_centres(side, side)], dim=1)
@@ -320,6 +324,9 @@ class TrackVAE(nn.Module):
         self.decoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult) for _ in range(cfg.dec_layers))
         self.dec_norm = RMSNorm(d)
         self.to_xy = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
+        if cfg.predict_offsets:  # start exactly at "every point stays where it is"
+            nn.init.zeros_(self.to_xy[-1].weight)
+            nn.init.zeros_(self.to_xy[-1].bias)
         self.register_buffer("latent_pos", self._latent_positions(), persistent=False)
 
     @property
@@ -393,7 +400,8 @@ class TrackVAE(nn.Module):
         for block, (k, v) in zip(self.decoder, kvs):
             extra = tuple(a.unsqueeze(1).expand(-1, Q, -1, -1, -1).reshape(B * Q, *a.shape[1:]) for a in (k, v))
             x = block(x, rope, ctx, ctx_rope, extra_kv=extra)
-        return self.to_xy(self.dec_norm(x)).reshape(B, Q, T, 2)
+        xy = self.to_xy(self.dec_norm(x)).reshape(B, Q, T, 2)
+        return xy + query_xy.unsqueeze(2) if self.cfg.predict_offsets else xy
 
     def decode(self, z, image, query_xy, T=None, chunk=4096, image_tokens=None):
         """z [B, n_latents, C], image [B, 3, S, S], query_xy [B, Q, 2] (unit x, y) -> tracks [B, Q, T, 2]."""

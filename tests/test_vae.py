@@ -284,3 +284,36 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path, micro_vae):
         load_vae(path)
     with pytest.raises(ValueError, match="no such"):
         load_vae(str(tmp_path / "missing.pt"))
+
+
+def micro_flags(**overrides):
+    cfg = dataclasses.asdict(micro_config(**overrides))
+    return [f"--{k}={v}" for k, v in cfg.items() if k not in ("preset",)]
+
+
+def test_non_square_clips_through_the_loader_and_model(tmp_path):
+    from data import TrackDataset, make_synthetic_clip, save_clip
+    for i in range(2):
+        clip = make_synthetic_clip(seed=i, T=8, H=48, W=80, n_tracks=64)
+        save_clip(str(tmp_path / f"{i}.npz"), clip["video"], clip["tracks"], clip["visibility"], clip["text"])
+    cfg = micro_config()
+    data = TrackDataset(str(tmp_path), "val", n_frames=8, n_enc=4, n_dec=4, image_size=28)
+    batch = torch.utils.data.default_collate([data[0], data[1]])
+    assert batch["tracks"].shape == (2, 8, 8, 2) and batch["image"].shape == (2, 3, 28, 28)
+    out = TrackVAE(cfg)(batch["image"], batch["tracks"], batch["visible"])
+    assert out["pred"].shape == batch["tracks"].shape and torch.isfinite(out["loss"])
+
+
+def test_torchrun_two_processes_train_and_only_rank0_writes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "vae.py",
+           *micro_flags(), "--max_steps=3", "--batch_start=4", "--batch_end=4", "--micro_batch=2", "--log_every=1",
+           "--val_every=3", "--val_clips=2", "--ckpt_every=3", "--device=cpu", f"--out_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text().splitlines()
+    assert [line.split()[1] for line in log if line.startswith("step ")] == ["1/3", "2/3", "3/3"]  # once each
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "log.txt", "val.png"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["sample"] == 12
