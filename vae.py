@@ -58,6 +58,9 @@ class VAEConfig:
     grid_size: int = 16
     temporal_slots: int = 1            # Sec. D: 1 = one grid for all 64 frames (64x compression)
     latent_layout: str = "grid"        # Fig. J: "grid" (grid RoPE positions) or "sequence" (no positions)
+    position_content: bool = True      # track tokens and decoder queries also carry Fourier(t, y0, x0) as
+                                       # content. The release gives them RoPE alone (False): then a token's time
+                                       # is only in attention weights, which a short run does not learn to use
     predict_offsets: bool = False      # Sec. B: absolute coordinates were best at scale; offsets from the start
                                        # point start at the static baseline, which a short CPU run needs
     fourier_bands: int = 32
@@ -65,6 +68,7 @@ class VAEConfig:
     rope_max_freq_time: float = 10 * math.pi
     # loss (Table F, Table H)
     kl_weight: float = 1e-7
+    recon_loss: str = "l1"             # Sec. B: L1 was best at scale; "l2" / "huber" were the alternatives
     track_dropout: float = 0.0         # Table H: drop tracks at random (from encoder and loss)
     mask_occluded: bool = False        # Table H: train on visible points only
     # optimisation (Table F)
@@ -99,12 +103,12 @@ PRESETS = {
     # Small enough to learn on 2 CPU cores in minutes: 16 frames (the same motion, sampled coarser), an 8x8
     # grid, a 2-layer random DINOv2 at 112 px (8x8 patches) trained with the rest, narrow layers.
     "tiny": dict(
-        n_frames=16, n_enc=32, n_dec=32, synth_tracks=256, image_encoder="random", image_size=112,
+        n_frames=16, synth_tracks=256, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False,
-        dim=96, enc_layers=2, dec_layers=2, head_dim=32, latent_channels=8, grid_size=8, fourier_bands=16,
-        predict_offsets=True,
-        max_steps=1500, lr=2e-3, warmup_steps=100, decay_frac=0.3, batch_start=16, batch_end=16,
-        batch_ramp_steps=1, micro_batch=16, log_every=50, val_every=500, val_clips=16, ckpt_every=500,
+        dim=64, enc_layers=2, dec_layers=2, head_dim=32, latent_channels=8, grid_size=8, fourier_bands=16,
+        n_enc=24, n_dec=24, predict_offsets=True,
+        max_steps=450, lr=1e-3, warmup_steps=100, decay_frac=0.2, batch_start=16, batch_end=16,
+        batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=150, val_clips=16, ckpt_every=150,
         num_workers=1, out_dir="out/tiny/vae"),
 }
 
@@ -312,6 +316,8 @@ class TrackVAE(nn.Module):
         self.rope = RoPE(cfg.head_dim, (cfg.rope_max_freq_time, cfg.rope_max_freq_space, cfg.rope_max_freq_space))
         # encoder: track tokens + latent queries (+1 register) in one sequence
         self.point_embed = PointEmbed(2, d, cfg.fourier_bands, cfg.rope_max_freq_space, n_blocks=2)
+        self.track_pos_embed = PointEmbed(3, d, cfg.fourier_bands, cfg.rope_max_freq_space, n_blocks=0) \
+            if cfg.position_content else None
         self.latent_queries = nn.Parameter(torch.randn(self.n_latents, d) * 0.02)
         self.register = nn.Parameter(torch.randn(1, d) * 0.02)
         self.encoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult) for _ in range(cfg.enc_layers))
@@ -320,13 +326,11 @@ class TrackVAE(nn.Module):
         # decoder: latents projected up; one query per (point, frame): a shared embedding + its start point
         self.latent_proj = nn.Linear(C, d)
         self.query_token = nn.Parameter(torch.randn(d) * 0.02)
-        self.query_embed = PointEmbed(2, d, cfg.fourier_bands, cfg.rope_max_freq_space, n_blocks=0)
+        self.query_embed = PointEmbed(3, d, cfg.fourier_bands, cfg.rope_max_freq_space, n_blocks=0) \
+            if cfg.position_content else None
         self.decoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult) for _ in range(cfg.dec_layers))
         self.dec_norm = RMSNorm(d)
         self.to_xy = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
-        if cfg.predict_offsets:  # start exactly at "every point stays where it is"
-            nn.init.zeros_(self.to_xy[-1].weight)
-            nn.init.zeros_(self.to_xy[-1].bias)
         self.register_buffer("latent_pos", self._latent_positions(), persistent=False)
 
     @property
@@ -362,11 +366,14 @@ class TrackVAE(nn.Module):
         B, N, T, _ = tracks.shape
         ctx = self.image_tokens(image) if image_tokens is None else image_tokens
         ctx_rope = self.rope(self.image_encoder.pos)
+        pos = self.track_positions(tracks[:, :, 0], T).reshape(B, N * T, 3)
         tokens = self.point_embed(tracks).reshape(B, N * T, -1)
+        if self.track_pos_embed is not None:
+            tokens = tokens + self.track_pos_embed(pos)
         lead = torch.cat([self.latent_queries, self.register]).expand(B, -1, -1)
         lead_pos = torch.cat([self.latent_pos, self.latent_pos.new_zeros(1, 3)]).expand(B, -1, -1)
         x = torch.cat([lead, tokens], dim=1)
-        rope = self.rope(torch.cat([lead_pos, self.track_positions(tracks[:, :, 0], T).reshape(B, N * T, 3)], 1))
+        rope = self.rope(torch.cat([lead_pos, pos], dim=1))
         mask = None
         if token_mask is not None:
             keep = torch.cat([token_mask.new_ones(B, lead.shape[1]), token_mask.reshape(B, N * T)], dim=1)
@@ -393,9 +400,11 @@ class TrackVAE(nn.Module):
         """Each query (point, frame) token attends to the latents and to its own point's T frames only, so a
         point's track does not depend on which other points are decoded with it (dense = point-wise)."""
         B, Q, _ = query_xy.shape
-        x = (self.query_token + self.query_embed(query_xy)).unsqueeze(2).expand(B, Q, T, -1)
-        x = x.reshape(B * Q, T, -1)
-        rope = self.rope(self.track_positions(query_xy, T).reshape(B * Q, T, 3))
+        pos = self.track_positions(query_xy, T).reshape(B * Q, T, 3)
+        x = self.query_token.expand(B * Q, T, -1)
+        if self.query_embed is not None:
+            x = x + self.query_embed(pos)
+        rope = self.rope(pos)
         ctx_rope = self.rope(self.image_encoder.pos)
         for block, (k, v) in zip(self.decoder, kvs):
             extra = tuple(a.unsqueeze(1).expand(-1, Q, -1, -1, -1).reshape(B * Q, *a.shape[1:]) for a in (k, v))
@@ -442,10 +451,14 @@ class TrackVAE(nn.Module):
         mean, logvar = self.encode(image, tracks[:, :n_enc], use[:, :n_enc], image_tokens=ctx)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
         pred = self.decode(z, image, tracks[:, :, 0], T, image_tokens=ctx)
-        err = (pred - tracks).abs().mean(-1)
-        l1 = (err * use).sum() / use.sum().clamp(min=1)
+        losses = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
+        if cfg.recon_loss not in losses:
+            raise ValueError(f"recon_loss: expected one of {sorted(losses)}, got {cfg.recon_loss!r}")
+        n = use.sum().clamp(min=1)
+        recon = (losses[cfg.recon_loss](pred, tracks, reduction="none").mean(-1) * use).sum() / n
+        l1 = ((pred - tracks).abs().mean(-1) * use).sum() / n
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum((1, 2)).mean()
-        return {"loss": l1 + cfg.kl_weight * kl, "l1": l1, "kl": kl, "pred": pred}
+        return {"loss": recon + cfg.kl_weight * kl, "l1": l1, "kl": kl, "pred": pred}
 
 
 def load_vae(path, device="cpu"):
@@ -652,9 +665,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             step, sample = ckpt["step"], ckpt["sample"]
-            torch.set_rng_state(ckpt["rng"])
             log(f"resumed from {cfg.out_dir} at step {step}")
-        torch.manual_seed(cfg.seed * 1000 + rank + step)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
         def wrap():
@@ -669,9 +680,12 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
 
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepSampler(cfg, rank, world, step, sample),
                                              num_workers=cfg.num_workers, persistent_workers=False)
-        batches = iter(loader)
+        batches = iter(loader)  # (draws a loader seed from the global RNG: before the RNG is set below)
+        torch.manual_seed(cfg.seed * 1000 + rank + step)
+        if ckpt is not None and rank == 0:
+            torch.set_rng_state(ckpt["rng"])  # rank 0 continues its own random stream exactly
         bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc=kind, dynamic_ncols=True)
-        sums, t_log, steps_since = {}, time.time(), 0
+        sums, t_log, steps_since, t_start = {}, time.time(), 0, time.time()
         while step < cfg.max_steps:
             if not image_trainable and 0 <= cfg.unfreeze_image_encoder_at <= step:
                 net, image_trainable = wrap()
@@ -722,7 +736,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
                     model.eval()
                     with torch.no_grad(), autocast:
                         results = validate(model, step)
-                    log(f"val step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()))
+                    log(f"val step {step} ({(time.time() - t_start) / 60:.1f} min): " +
+                        " ".join(f"{k} {v:.4g}" for k, v in results.items()))
                 if world > 1:
                     dist.barrier()
             if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):

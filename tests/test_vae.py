@@ -145,8 +145,10 @@ def test_encode_decode_shapes(micro_vae):
         micro_vae.encode(image[:, :, :20], tracks)
 
 
-def test_point_decoded_alone_equals_point_among_others(micro_vae):
+@pytest.mark.parametrize("position_content", [True, False])
+def test_point_decoded_alone_equals_point_among_others(position_content):
     torch.manual_seed(1)
+    micro_vae = TrackVAE(micro_config(position_content=position_content)).eval()
     cfg = micro_vae.cfg
     image = torch.randn(1, 3, cfg.image_size, cfg.image_size)
     z = torch.randn(1, cfg.grid_size ** 2, cfg.latent_channels)
@@ -177,6 +179,22 @@ def test_latent_layout_and_temporal_slots():
     assert slots.n_latents == 2 * 16 and sorted(set(slots.latent_pos[:, 0].tolist())) == [-0.5, 0.5]
     mean, _ = slots.encode(torch.randn(1, 3, 28, 28), torch.rand(1, 3, 8, 2))
     assert mean.shape == (1, 32, 4)
+
+
+def test_offset_prediction_and_loss_choices():
+    torch.manual_seed(0)
+    model = TrackVAE(micro_config(predict_offsets=True)).eval()
+    torch.nn.init.zeros_(model.to_xy[-1].weight)
+    torch.nn.init.zeros_(model.to_xy[-1].bias)
+    image, z, start = torch.randn(1, 3, 28, 28), torch.randn(1, 16, 4), torch.rand(1, 5, 2) * 2 - 1
+    assert torch.equal(model.decode(z, image, start), start.unsqueeze(2).expand(1, 5, 8, 2))  # zero offset = still
+    tracks = torch.rand(1, 8, 8, 2) * 2 - 1
+    pred = model(image, tracks)["pred"]
+    model.cfg.recon_loss = "l2"
+    assert torch.allclose(model(image, tracks)["loss"], (pred - tracks).pow(2).mean(), atol=1e-6)
+    model.cfg.recon_loss = "l3"
+    with pytest.raises(ValueError, match="recon_loss"):
+        model(image, tracks)
 
 
 def test_occlusion_mask_removes_points_from_loss():
@@ -317,3 +335,16 @@ def test_torchrun_two_processes_train_and_only_rank0_writes(tmp_path):
     assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "log.txt", "val.png"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["sample"] == 12
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    flags = micro_flags() + ["--batch_start=2", "--batch_end=2", "--micro_batch=2", "--warmup_steps=1",
+                             "--decay_frac=0", "--val_every=1000", "--log_every=1", "--device=cpu"]
+    vae.main(flags + ["--max_steps=4", f"--out_dir={tmp_path / 'straight'}"])
+    vae.main(flags + ["--max_steps=2", f"--out_dir={tmp_path / 'split'}"])
+    vae.main(flags + ["--max_steps=4", f"--out_dir={tmp_path / 'split'}", "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "split"))
+    assert b["step"] == 4 and b["sample"] == a["sample"] == 8
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert "resumed" in (tmp_path / "split" / "log.txt").read_text()
