@@ -786,15 +786,25 @@ def validate_vae(model, val_set, step=None, out_png=None, batch_size=8):
         "L1": (pred - gt).abs().mean().item(),
     }
     if out_png:
-        from data import draw_tracks, unit_to_pixels
-        import imageio.v3 as iio
-        frame = items[0]["frame"].numpy()
-        size = frame.shape[1], frame.shape[0]
-        panels = [draw_tracks(frame.copy(), unit_to_pixels(t.numpy(), *size)) for t in (gt[0], pred[0])]
-        tmp = out_png + ".tmp.png"
-        iio.imwrite(tmp, np.concatenate(panels, axis=1))
-        os.replace(tmp, out_png)
+        write_track_picture(out_png, [it["frame"] for it in items[:4]], [gt[:4], pred[:4]])
     return results
+
+
+def write_track_picture(path, frames, track_sets, size=256):
+    """One row per frame, one column per track set ([n, N, T, 2] unit coordinates, e.g. ground truth and
+    prediction), drawn over the frame upscaled to size x size; colour = time. Written atomically."""
+    import numpy as np
+    import imageio.v3 as iio
+    from data import draw_tracks, unit_to_pixels
+    rows = []
+    for i, frame in enumerate(frames):
+        frame = np.asarray(frame)
+        big = frame[np.arange(size) * frame.shape[0] // size][:, np.arange(size) * frame.shape[1] // size]
+        rows.append(np.concatenate([draw_tracks(big, unit_to_pixels(np.asarray(t[i], dtype=np.float32), size, size))
+                                    for t in track_sets], axis=1))
+    tmp = path + ".tmp.png"
+    iio.imwrite(tmp, np.concatenate(rows, axis=0))
+    os.replace(tmp, path)
 
 
 def main(argv=None):
