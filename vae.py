@@ -107,7 +107,7 @@ PRESETS = {
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False,
         dim=64, enc_layers=2, dec_layers=2, head_dim=32, latent_channels=8, grid_size=8, fourier_bands=16,
         n_enc=24, n_dec=24, predict_offsets=True,
-        max_steps=450, lr=1e-3, warmup_steps=100, decay_frac=0.2, batch_start=16, batch_end=16,
+        max_steps=450, lr=2e-3, warmup_steps=100, decay_frac=0.2, batch_start=16, batch_end=16,
         batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=150, val_clips=16, ckpt_every=150,
         num_workers=1, out_dir="out/tiny/vae"),
 }
