@@ -8,7 +8,7 @@ import.
 
     python vae.py                                   # tiny preset, synthetic data -> out/tiny/vae/ckpt.pt
     python vae.py --preset paper --dry-run          # build the Table F model, print the parameter split
-    torchrun --nproc_per_node=2 vae.py --max_steps=50
+    torchrun --nproc_per_node=2 vae.py --micro_batch=8   # global batch 16 = 8 per process x 2
     python vae.py --resume=true                     # continue from out_dir/ckpt.pt
 
 Conventions (DESIGN.md): coordinates (x, y) in [-1, 1]; tracks [B, N, T, 2]; RoPE positions (t, y, x).
