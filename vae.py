@@ -61,6 +61,8 @@ class VAEConfig:
     position_content: bool = True      # track tokens and decoder queries also carry Fourier(t, y0, x0) as
                                        # content. The release gives them RoPE alone (False): then a token's time
                                        # is only in attention weights, which a short run does not learn to use
+    encode_offsets: bool = False       # track tokens also embed the displacement from the start point (x - x0, y - y0),
+                                       # the motion itself, which the release leaves to the layers to work out
     predict_offsets: bool = False      # Sec. B: absolute coordinates were best at scale; offsets from the start
                                        # point start at the static baseline, which a short CPU run needs
     fourier_bands: int = 32
@@ -106,7 +108,7 @@ PRESETS = {
         n_frames=16, synth_tracks=256, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False,
         dim=64, enc_layers=2, dec_layers=2, head_dim=32, latent_channels=8, grid_size=8, fourier_bands=16,
-        n_enc=24, n_dec=24, predict_offsets=True,
+        n_enc=24, n_dec=24, predict_offsets=True, encode_offsets=True,
         max_steps=450, lr=2e-3, warmup_steps=100, decay_frac=0.2, batch_start=16, batch_end=16,
         batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=150, val_clips=16, ckpt_every=150,
         num_workers=1, out_dir="out/tiny/vae"),
@@ -315,7 +317,8 @@ class TrackVAE(nn.Module):
         self.image_encoder = ImageEncoder(cfg, pretrained)
         self.rope = RoPE(cfg.head_dim, (cfg.rope_max_freq_time, cfg.rope_max_freq_space, cfg.rope_max_freq_space))
         # encoder: track tokens + latent queries (+1 register) in one sequence
-        self.point_embed = PointEmbed(2, d, cfg.fourier_bands, cfg.rope_max_freq_space, n_blocks=2)
+        self.point_embed = PointEmbed(4 if cfg.encode_offsets else 2, d, cfg.fourier_bands, cfg.rope_max_freq_space,
+                                      n_blocks=2)
         self.track_pos_embed = PointEmbed(3, d, cfg.fourier_bands, cfg.rope_max_freq_space, n_blocks=0) \
             if cfg.position_content else None
         self.latent_queries = nn.Parameter(torch.randn(self.n_latents, d) * 0.02)
@@ -367,7 +370,8 @@ class TrackVAE(nn.Module):
         ctx = self.image_tokens(image) if image_tokens is None else image_tokens
         ctx_rope = self.rope(self.image_encoder.pos)
         pos = self.track_positions(tracks[:, :, 0], T).reshape(B, N * T, 3)
-        tokens = self.point_embed(tracks).reshape(B, N * T, -1)
+        coords = torch.cat([tracks, tracks - tracks[:, :, :1]], dim=-1) if self.cfg.encode_offsets else tracks
+        tokens = self.point_embed(coords).reshape(B, N * T, -1)
         if self.track_pos_embed is not None:
             tokens = tokens + self.track_pos_embed(pos)
         lead = torch.cat([self.latent_queries, self.register]).expand(B, -1, -1)
