@@ -197,6 +197,18 @@ def test_offset_prediction_and_loss_choices():
         model(image, tracks)
 
 
+def test_encode_offsets_feeds_each_token_its_displacement():
+    model = TrackVAE(micro_config(encode_offsets=True)).eval()
+    seen = {}
+    model.point_embed.register_forward_hook(lambda module, args, out: seen.update(coords=args[0]))
+    tracks = torch.rand(2, 3, 8, 2) * 2 - 1
+    model.encode(torch.randn(2, 3, 28, 28), tracks)
+    assert seen["coords"].shape == (2, 3, 8, 4)
+    assert torch.equal(seen["coords"][..., :2], tracks)                      # (x, y) as before ...
+    assert torch.equal(seen["coords"][..., 2:], tracks - tracks[:, :, :1])   # ... and (x - x0, y - y0)
+    assert (seen["coords"][:, :, 0, 2:] == 0).all()
+
+
 def test_occlusion_mask_removes_points_from_loss():
     torch.manual_seed(0)
     model = TrackVAE(micro_config(mask_occluded=True)).eval()
