@@ -1,4 +1,5 @@
-"""Tests for the metrics and baselines in eval.py: hand-computed fixtures, then properties.
+"""Tests of eval.py: the metrics and baselines (hand-computed fixtures, then properties), the FLOP counter and
+the speed benchmark, and each protocol on tiny checkpoints trained here.
 
 Fixtures are written in pixels and converted to unit coordinates with the inverse of each metric's own
 scaling, so a wrong scaling (res instead of res - 1, or the reverse) or swapped x/y changes the numbers.
@@ -6,13 +7,16 @@ No fixture distance lies exactly on a PCK threshold.
 """
 
 import ast
+import json
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from eval import (diversity, endpoint_error, main, nearest_neighbour_baseline, pck, static_baseline,
-                  straight_to_poke_baseline, subsample_time, trajectory_mse)
+from eval import (attention_flops, count_flops, diversity, endpoint_error, linear_extrapolation, main, measure,
+                  nearest_neighbour_baseline, pck, static_baseline, straight_to_poke_baseline, subsample_time,
+                  to_window, trajectory_mse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -226,6 +230,8 @@ def test_straight_to_poke_hand_computed():
     assert torch.equal(later[1, 2:], torch.tensor([[1.0, 0.3]]).expand(3, 2))
     now = straight_to_poke_baseline(start, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]), torch.tensor([0]), T=5)
     assert torch.equal(now[0], torch.ones(5, 2))
+    none = straight_to_poke_baseline(start, torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), T=5)
+    assert torch.equal(none, static_baseline(start, 5))                    # no pokes: nothing moves
 
 
 def test_straight_to_poke_endpoints_equal_pokes():
@@ -276,12 +282,206 @@ def test_subsample_time_keeps_endpoints_and_linear_motion(T_in, T_out):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# File shape: commands not implemented yet, no stage imported at module level
+# FLOP counting and the speed benchmark's instruments
 
-@pytest.mark.parametrize("command", ["recon", "tracks", "speed"])
-def test_main_commands_are_placeholders(command, capsys):
-    assert main([command]) == 2
-    assert "not implemented yet: see issue 5" in capsys.readouterr().out
+def test_flop_count_of_a_matmul_only_module():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 16, bias=False))
+    x = torch.randn(8, 5, 64)                                  # 40 rows
+    out, flops, added = count_flops(lambda: net(x))
+    assert out.shape == (8, 5, 16)
+    assert flops == 2 * 40 * 64 * 32 + 2 * 40 * 32 * 16 and added == 0
+    # forward + backward: the backward of each linear is two matmuls of the same size (input grad, weight grad)
+    _, flops_fb, _ = count_flops(lambda: net(x.requires_grad_()).sum().backward())
+    assert flops_fb == 3 * flops
+
+
+def test_flop_count_includes_attention_from_its_shapes():
+    q, k, v = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 4)
+    forward = 2 * (2 * 3) * 16 * 12 * 8 + 2 * (2 * 3) * 16 * 12 * 4   # q k^T + weights @ v
+    assert attention_flops(q.shape, k.shape, v.shape) == forward
+    for value in (v, torch.randn(2, 3, 12, 8)):     # (with equal head sizes the CPU's fused kernel runs)
+        size = attention_flops(q.shape, k.shape, value.shape)
+        _, flops, added = count_flops(lambda: F.scaled_dot_product_attention(q, k, value))
+        assert flops == size and added in (0, size)     # counted by FlopCounterMode or, where it missed, from shapes
+    # with a backward pass (gradients for q, k and v: four matmuls), twice the forward, whoever counted it
+    for value in (v, torch.randn(2, 3, 12, 8)):
+        size = attention_flops(q.shape, k.shape, value.shape)
+        qkv = [x.clone().requires_grad_() for x in (q, k, value)]
+        _, flops, _ = count_flops(lambda: F.scaled_dot_product_attention(*qkv).sum().backward())
+        assert flops == 3 * size
+
+
+def test_measure_and_linear_extrapolation():
+    a = torch.randn(64, 64)
+    m = measure(lambda: a @ a, torch.device("cpu"), budget_s=0.01)
+    assert m["flops"] == 2 * 64 ** 3 and m["runs"] >= 1 and m["s"] > 0 and m["peak_mb"] > 0
+    m1 = dict(s=1.0, flops=10, attention_flops_added=0, peak_mb=100.0, extra_mb=5.0)
+    m2 = dict(s=1.5, flops=16, attention_flops_added=2, peak_mb=110.0, extra_mb=6.0)
+    est = linear_extrapolation(m1, 1, m2, 2, 12)
+    assert est == pytest.approx(dict(s=6.5, flops=76, attention_flops_added=22, peak_mb=210.0, extra_mb=16.0))
+
+
+def test_speed_tiny_preset_rows(tmp_path, capsys):
+    out = main(["speed", "--preset", "tiny", "--device", "cpu", "--budget", "0", "--matmul_size", "256",
+                "--rows", "encode,decode,velocity,sample", "--json", str(tmp_path / "speed.json")])
+    printed = capsys.readouterr().out
+    assert "VAE encode" in printed and "MFU %" in printed and "generate = sample + decode" in printed
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved == json.loads(json.dumps(out))
+    assert saved["frames"] == 16 and saved["n_points"] == 48 and saved["device"] == "cpu"   # the tiny sizes
+    rows = {r["key"]: r for r in saved["rows"]}
+    assert set(rows) == {"encode", "decode", "velocity", "sample", "generate"}
+    for r in rows.values():
+        assert r["ms"] > 0 and r["flops"] > 0 and r["mfu"] > 0 and r["peak_mb"] > 0
+        assert r["flops_per_s"] == pytest.approx(r["flops"] / (r["ms"] / 1000))
+        assert r["mfu"] == pytest.approx(r["flops_per_s"] / saved["matmul_flops_per_s"])
+    assert rows["decode"]["point_frames_per_s"] == pytest.approx(rows["decode"]["samples_per_s"] * 48 * 16)
+    assert rows["encode"]["point_frames_per_s"] == pytest.approx(rows["encode"]["samples_per_s"] * 24 * 16)
+    assert rows["sample"]["frames_per_s"] == pytest.approx(rows["sample"]["samples_per_s"] * 16)
+    assert rows["decode"]["attention_flops_added"] > 0          # CPU: attention counted from the shapes
+    # ten network evaluations and the conditions: more than ten velocity evaluations' FLOPs, less than eleven
+    assert 10 < rows["sample"]["flops"] / rows["velocity"]["flops"] < 11
+    assert rows["generate"]["ms"] == pytest.approx(rows["sample"]["ms"] + rows["decode"]["ms"])
+
+
+def test_speed_extrapolations_are_exact_in_flops():
+    # Dense decoding is affine in the number of points (plus a per-chunk term), a training step affine in the
+    # number of (identical) layers: the extrapolated FLOPs equal the full measurement's.
+    from vae import PRESETS, VAEConfig
+    from eval import SpeedBench, vae_speed_rows
+    cfg = VAEConfig(**dict(PRESETS["tiny"], n_frames=4, n_enc=4, n_dec=4, image_size=28, image_pos_size=28,
+                           image_dim=32, image_layers=1, image_heads=2, dim=32, enc_layers=3, dec_layers=3,
+                           head_dim=16, latent_channels=4, grid_size=4, fourier_bands=8))
+    rows = {}
+    for mode in ("never", "always"):
+        bench = SpeedBench(torch.device("cpu"), budget_s=0, extrapolate=mode, only={"dense64", "train_vae"},
+                           matmul_size=128)
+        vae_speed_rows(bench, cfg, B=2, T=4, dense_sizes=((64, 64),))
+        rows[mode] = {r["key"]: r for r in bench.rows}
+        assert set(rows[mode]) == {"dense64", "train_vae"}
+        assert all(("extrapolated" in r["note"]) == (mode == "always") for r in bench.rows)
+    for key in ("dense64", "train_vae"):
+        assert rows["always"][key]["flops"] == pytest.approx(rows["never"][key]["flops"], rel=1e-9)
+        assert rows["always"][key]["attention_flops_added"] == pytest.approx(
+            rows["never"][key]["attention_flops_added"], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The protocols on tiny checkpoints trained here
+
+MICRO_VAE = ["--n_frames=16", "--n_enc=6", "--n_dec=6", "--synth_tracks=256", "--image_size=28",
+             "--image_pos_size=28", "--image_dim=32", "--image_layers=1", "--image_heads=2", "--dim=32",
+             "--enc_layers=1", "--dec_layers=1", "--head_dim=16", "--latent_channels=4", "--grid_size=4",
+             "--fourier_bands=8", "--max_steps=2", "--batch_start=4", "--batch_end=4", "--micro_batch=4",
+             "--num_workers=0", "--val_every=1000", "--val_clips=2", "--log_every=1", "--device=cpu"]
+MICRO_PLANNER = ["--dim=32", "--layers=1", "--head_dim=16", "--time_dim=16", "--cond_dim=32", "--fourier_bands=8",
+                 "--max_pokes=4", "--norm_samples=8", "--max_steps=2", "--batch_start=4", "--batch_end=4",
+                 "--micro_batch=4", "--num_workers=0", "--val_clips=2", "--val_k=2", "--val_steps=1",
+                 "--val_every=1000", "--log_every=1", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A VAE and a planner trained for 2 steps by their own main() (16 frames, 4x4x4 latents, 28 px)."""
+    import planner
+    import vae
+    root = tmp_path_factory.mktemp("eval_ckpt")
+    vae.main(MICRO_VAE + [f"--out_dir={root / 'vae'}"])
+    planner.main(MICRO_PLANNER + [f"--vae={root / 'vae' / 'ckpt.pt'}", f"--out_dir={root / 'planner'}"])
+    return str(root / "vae" / "ckpt.pt"), str(root / "planner" / "ckpt.pt")
+
+
+def test_recon_protocol_json_and_determinism(checkpoints, tmp_path, capsys):
+    vae_ckpt, _ = checkpoints
+    args = ["recon", "--vae", vae_ckpt, "--clips", "3", "--batch", "2"]
+    out = main(args + ["--json", str(tmp_path / "recon.json")])
+    assert json.loads((tmp_path / "recon.json").read_text()) == out
+    assert (out["clips"], out["frames"], out["n_enc"], out["n_dec"], out["res"]) == (3, 16, 6, 6, 256)
+    thresholds = {"delta_avg", "delta_1", "delta_2", "delta_4", "delta_8", "delta_16"}
+    assert set(out["pck"]) == {"VAE", "static", "nearest_neighbour"}
+    assert set(out["pck"]["VAE"]) == {"AE", "MAE"} and set(out["pck"]["nearest_neighbour"]) == {"MAE"}
+    for parts in out["pck"].values():
+        for numbers in parts.values():
+            assert set(numbers) == thresholds and all(0 <= v <= 100 for v in numbers.values())
+    assert "nearest_neighbour" in capsys.readouterr().out
+    assert main(args)["pck"] == out["pck"]                                  # seeded: the same clips and tracks
+    assert main(args + ["--seed", "1"])["pck"]["static"] != out["pck"]["static"]
+
+
+def test_recon_reads_a_folder_of_clips_and_skips_short_ones(checkpoints, tmp_path):
+    from data import make_synthetic_clip, save_clip
+    for i, frames in enumerate((16, 20, 9)):                               # the last is shorter than a window
+        clip = make_synthetic_clip(100 + i, frames, 64, 80, 128)
+        save_clip(str(tmp_path / f"{i}.npz"), clip["video"], clip["tracks"], clip["visibility"], clip["text"])
+    with pytest.warns(UserWarning, match="9 frames"):
+        out = main(["recon", "--vae", checkpoints[0], "--data", str(tmp_path), "--clips", "10"])
+    assert out["clips"] == 2 and out["data"] == str(tmp_path)
+
+
+def test_tracks_protocol_rows_and_baselines(checkpoints, tmp_path):
+    vae_ckpt, planner_ckpt = checkpoints
+    out = main(["tracks", "--vae", vae_ckpt, "--planner", planner_ckpt, "--clips", "2", "--k", "3",
+                "--pokes", "1,2,dense", "--steps", "1,2", "--json", str(tmp_path / "tracks.json")])
+    assert json.loads((tmp_path / "tracks.json").read_text()) == out
+    assert (out["clips"], out["k"], out["window"], out["model_frames"], out["n_tracks"]) == (2, 3, 16, 16, 40)
+    rows = {(r["method"], r["steps"], r["pokes"]): r for r in out["rows"]}
+    assert len(rows) == len(out["rows"]) == 3 * 2 + 2 * 3
+    keys = {"method", "steps", "pokes", "n_pokes", "min", "mean", "single", "meanT", "epe", "diversity"}
+    assert all(set(r) == keys for r in out["rows"])
+    assert rows[("planner", 2, "dense")]["n_pokes"] == 40
+    for (method, steps, pokes), r in rows.items():
+        assert r["min"] <= r["single"] + 1e-9 and r["min"] <= r["mean"] and r["meanT"] <= r["mean"] + 1e-9
+        if method == "planner":
+            assert r["diversity"] > 0                                      # K = 3 different samples
+        else:
+            assert r["min"] == r["mean"] == r["single"] == r["meanT"] and r["diversity"] == 0
+    # the straight line ends on the poke, which is where the poked track is at the last frame
+    for pokes in ("1", "2", "dense"):
+        assert rows[("straight_to_poke", None, pokes)]["epe"] == 0 < rows[("static", None, pokes)]["epe"]
+    assert rows[("straight_to_poke", None, "dense")]["min"] < rows[("static", None, "dense")]["min"]
+    # the static baseline's MSE is over all 40 tracks, whatever the pokes
+    assert rows[("static", None, "1")]["min"] == rows[("static", None, "dense")]["min"]
+
+
+def test_tracks_libero_protocol_text_and_subsampled_window(checkpoints):
+    vae_ckpt, planner_ckpt = checkpoints
+    common = ["tracks", "--vae", vae_ckpt, "--planner", planner_ckpt, "--clips", "1", "--k", "2", "--protocol",
+              "libero"]
+    out = main(common + ["--text"])
+    assert (out["window"], out["n_tracks"], out["text"]) == (16, 32, True)
+    assert [(r["method"], r["pokes"], r["epe"]) for r in out["rows"]] == [("static", "0", None), ("planner", "0", None)]
+    out = main(common + ["--window", "4", "--pokes", "2"])                  # the model's 16 frames -> 4
+    assert (out["window"], out["model_frames"]) == (4, 16)
+    assert out["rows"][-1]["method"] == "planner" and out["rows"][-1]["min"] > 0
+
+
+def test_to_window_subsamples_keeping_first_and_last_frames():
+    pred = torch.randn(2, 3, 5, 64, 2)
+    out = to_window(pred, 16)
+    assert out.shape == (2, 3, 5, 16, 2)
+    assert torch.equal(out[..., 0, :], pred[..., 0, :]) and torch.equal(out[..., -1, :], pred[..., -1, :])
+    torch.testing.assert_close(out[..., 5, :], pred[..., 21, :])           # 5 * 63 / 15 = 21 exactly
+    assert to_window(pred, 64) is pred
+
+
+def test_bad_inputs_are_named(checkpoints, tmp_path, capsys):
+    vae_ckpt, planner_ckpt = checkpoints
+    with pytest.raises(SystemExit, match="--vae: .*no such checkpoint"):
+        main(["recon", "--vae", str(tmp_path / "missing.pt")])
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="--vae: .*not a readable checkpoint"):
+        main(["recon", "--vae", str(tmp_path / "corrupt.pt")])
+    with pytest.raises(SystemExit, match="--planner: .*expected a 'planner' checkpoint, got 'vae'"):
+        main(["tracks", "--vae", vae_ckpt, "--planner", vae_ckpt])
+    with pytest.raises(SystemExit, match="--pokes: 41 pokes"):
+        main(["tracks", "--vae", vae_ckpt, "--planner", planner_ckpt, "--pokes", "41"])
+    with pytest.raises(SystemExit, match="--data: "):
+        main(["recon", "--vae", vae_ckpt, "--data", str(tmp_path / "nothing_here")])
+    for argv in (["tracks", "--pokes", "1,two"], ["tracks", "--steps", "0"], ["recon", "--clips", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and f"argument {argv[1]}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([])
 
