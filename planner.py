@@ -107,8 +107,8 @@ PRESETS = {
         image_size=112, image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False,
         image_from_vae=True, poke_offsets=True, dim=128, layers=4, head_dim=32, time_dim=64, cond_dim=128,
         fourier_bands=16,
-        norm_samples=128, max_steps=500, lr=1e-3, warmup_steps=50, decay_frac=0.2, batch_start=32, batch_end=32,
-        batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25, val_every=250, val_clips=16,
+        norm_samples=128, max_steps=330, lr=1e-3, warmup_steps=50, decay_frac=0.2, batch_start=32, batch_end=32,
+        batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25, val_every=330, val_clips=16,
         ckpt_every=100, num_workers=1, out_dir="out/tiny/planner"),
 }
 
