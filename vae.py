@@ -675,7 +675,7 @@ class Logger:
                 f.write(line + "\n")
 
 
-def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None, ema=None):
+def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
     """The training loop every stage uses (nanoGPT-style). loss_fn(model, batch) -> (loss, {name: tensor});
     validate(raw_model, step) -> {name: float} runs on rank 0 with the raw (unwrapped) model. ema: an EMA,
     updated after every optimiser step and saved with the checkpoint (the planner's)."""
@@ -783,8 +783,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, extra_state=None, e
                 save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "kind": kind, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "sample": sample, "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(),
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                    **(extra_state() if extra_state else {})})
+                    **({"ema": ema.state_dict()} if ema is not None else {})})
         bar.close()
         return model
     finally:
