@@ -474,15 +474,12 @@ def cmd_tracks(args):
     sampling steps, beside the static and straight-to-the-poke baselines on the same tracks and pokes."""
     from tqdm import tqdm
     from data import is_static, prepare_image, sample_pokes, select_eval_tracks
-    from planner import load_planner
+    from planner import check_planner_matches_vae, load_planner
     from vae import load_vae
     device = pick_device(args.device)
     vae = load_stage(load_vae, args.vae, "--vae", device)
     planner = load_stage(load_planner, args.planner, "--planner", device)
-    for field in ("latent_channels", "grid_size", "temporal_slots", "image_size", "n_frames"):
-        if getattr(planner.cfg, field) != getattr(vae.cfg, field):
-            raise ValueError(f"--planner: {field} = {getattr(planner.cfg, field)} does not match the VAE's "
-                             f"{getattr(vae.cfg, field)} (--vae {args.vae}): was it trained on another VAE?")
+    check_planner_matches_vae(planner, vae, args.planner, args.vae)
     protocol = PROTOCOLS[args.protocol]
     T_model = vae.cfg.n_frames
     T = args.window or protocol["window"] or T_model
@@ -921,14 +918,13 @@ def planner_speed_rows(bench, pcfg, vcfg, B, T, steps):
 
 def speed_configs(preset):
     """The VAE and planner configs of a preset, the planner's latent space and frames matched to the VAE's."""
-    from planner import PRESETS as PLANNER_PRESETS, PlannerConfig
+    from planner import PRESETS as PLANNER_PRESETS, VAE_FIELDS, PlannerConfig
     from vae import PRESETS as VAE_PRESETS, VAEConfig
     if preset not in VAE_PRESETS or preset not in PLANNER_PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; choose from {sorted(VAE_PRESETS)}")
     vcfg = dataclasses.replace(VAEConfig(), preset=preset, **VAE_PRESETS[preset])
     pcfg = dataclasses.replace(PlannerConfig(), preset=preset, **PLANNER_PRESETS[preset])
-    synced = ("n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size")
-    return vcfg, dataclasses.replace(pcfg, **{f: getattr(vcfg, f) for f in synced})
+    return vcfg, dataclasses.replace(pcfg, **{f: getattr(vcfg, f) for f in VAE_FIELDS})
 
 
 SPEED_HEADER = ["operation", "ms", "runs", "samples/s", "frames/s", "point-frames/s", "peak MB", "+MB", "GFLOP",

@@ -349,6 +349,19 @@ class MotionPlanner(nn.Module):
         return self.denormalise(euler_sample(velocity, noise, steps))
 
 
+# The VAE's latent space and clips, which a planner generates for: copied from the VAE's config at training.
+VAE_FIELDS = ("n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size")
+
+
+def check_planner_matches_vae(planner, vae, planner_path, vae_path):
+    """ValueError naming both files when a planner was trained on another VAE's latents."""
+    for field in VAE_FIELDS:
+        if getattr(planner.cfg, field) != getattr(vae.cfg, field):
+            raise ValueError(f"--planner {planner_path} does not belong to --vae {vae_path}: {field} = "
+                             f"{getattr(planner.cfg, field)} in the planner, {getattr(vae.cfg, field)} in the VAE "
+                             "(was it trained on another VAE's latents?)")
+
+
 def load_planner(path, device="cpu"):
     """Build a MotionPlanner from a checkpoint written by this file, with the EMA weights it samples with."""
     ckpt = load_checkpoint(path, kind="planner", device=device)
@@ -499,7 +512,7 @@ def main(argv=None):
                          f"--preset {cfg.preset}")
     vae = load_vae(cfg.vae)
     # The planner generates this VAE's latents of this VAE's clips: take those sizes from its config.
-    synced = ["n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size"]
+    synced = list(VAE_FIELDS)
     if cfg.image_from_vae:
         synced += ["image_encoder", "image_dim", "image_layers", "image_heads", "image_patch", "image_registers",
                    "image_pos_size"]

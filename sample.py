@@ -35,11 +35,10 @@ import torch.nn.functional as F
 from data import (_write_atomically, draw_tracks, load_clip, make_synthetic_clip, pixels_to_unit, prepare_image,
                   sample_pokes, select_eval_tracks, time_colors, unit_to_pixels, write_video)
 from eval import autocast, load_stage, peak_memory, pick_device, reset_peak_memory
-from planner import load_planner
+from planner import check_planner_matches_vae, load_planner
 from vae import grid_centres, load_vae
 
 TINY_VAE, TINY_PLANNER = "out/tiny/vae/ckpt.pt", "out/tiny/planner/ckpt.pt"
-SHARED_FIELDS = ("n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size")  # planner == VAE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,11 +163,7 @@ def load_models(vae_path, planner_path, device="cpu"):
         raise ValueError("; ".join(lines) + ". Train first:\n  " + "\n  ".join(commands))
     vae = load_stage(load_vae, vae_path, "--vae", device)
     planner = load_stage(load_planner, planner_path, "--planner", device)
-    for field in SHARED_FIELDS:
-        if getattr(planner.cfg, field) != getattr(vae.cfg, field):
-            raise ValueError(f"--planner {planner_path} does not belong to --vae {vae_path}: {field} = "
-                             f"{getattr(planner.cfg, field)} in the planner, {getattr(vae.cfg, field)} in the VAE "
-                             "(was it trained on another VAE's latents?)")
+    check_planner_matches_vae(planner, vae, planner_path, vae_path)
     return vae, planner
 
 
