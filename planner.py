@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vae import (EMA, Attention, Block, ImageEncoder, PointEmbed, RMSNorm, RoPE, SwiGLU, grid_centres, load_checkpoint,
-                 load_vae, parse_config, config_from_dict, train, write_track_picture)
+from vae import (EMA, Attention, Block, ImageEncoder, PointEmbed, RMSNorm, RoPE, SampleRandom, SwiGLU, grid_centres,
+                 load_checkpoint, load_vae, parse_config, config_from_dict, train, write_track_picture)
 
 
 @dataclass
@@ -389,27 +389,28 @@ def planner_parameter_groups(model):
 # Training: latents from the frozen VAE, conditions drawn per sample, validation against the baselines
 
 
-def training_conditions(tracks, texts, cfg, generator=None):
+def training_conditions(tracks, texts, cfg, rng=None):
     """Draw each sample's task (--cond): pokes only, text only, both, or neither (the null condition, which
     classifier-free guidance needs). With pokes, the number kept is uniform over 1..max_pokes, so the 1-4 poke
     regime of the evaluation is trained as often as the dense one (the release's Poisson(2.5) drop from 16
     keeps about 13). Half the samples poke moving tracks first (the evaluation pokes non-static tracks), the
     rest random ones. Goal time: the last frame half the time, else a random later frame.
-    tracks [B, N, T, 2] -> pokes [B, P, 5], poke_mask [B, P], text list (None = no text)."""
+    tracks [B, N, T, 2] -> pokes [B, P, 5], poke_mask [B, P], text list (None = no text).
+    rng: a vae.SampleRandom (per-sample random numbers; default: the global RNG)."""
     B, N, T, _ = tracks.shape
     dev = tracks.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
+    rng = SampleRandom.default(rng, B, dev)
     probs = {"both": [0.3, 0.3, 0.3, 0.1], "pokes": [0.9, 0, 0, 0.1], "text": [0, 0.9, 0, 0.1]}
     if cfg.cond not in probs:
         raise ValueError(f"cond: expected one of {sorted(probs)}, got {cfg.cond!r}")
-    mode = torch.multinomial(torch.tensor(probs[cfg.cond]), B, replacement=True, generator=generator).to(dev)
+    mode = (rng.rand(1) > torch.tensor(probs[cfg.cond], device=dev).cumsum(0)[:3]).sum(1)  # 0..3 by probs
     use_pokes, use_text = (mode == 0) | (mode == 2), (mode == 1) | (mode == 2)
     P = min(cfg.max_pokes, N)
-    n_kept = (rand(B) * P).long() + 1
+    n_kept = (rng.rand() * P).long() + 1
     poke_mask = (torch.arange(P, device=dev) < n_kept[:, None]) & use_pokes[:, None]
     moving = ((tracks - tracks[:, :, :1]).norm(dim=-1) >= 0.01).float().mean(-1) > 0.05  # not data.is_static
-    order = (rand(B, N) - (moving & (rand(B, 1) < 0.5)).float()).argsort(dim=1)[:, :P]
-    end = torch.where(rand(B, P) < 0.5, T - 1, (rand(B, P) * (T - 1)).long() + 1)
+    order = (rng.rand(N) - (moving & (rng.rand(1) < 0.5)).float()).argsort(dim=1)[:, :P]
+    end = torch.where(rng.rand(P) < 0.5, T - 1, (rng.rand(P) * (T - 1)).long() + 1)
     batch = torch.arange(B, device=dev)[:, None]
     pokes = torch.cat([tracks[batch, order, 0], tracks[batch, order, end], (end / (T - 1))[..., None]], dim=-1)
     text = [t if (u and t) else None for t, u in zip(texts, use_text.tolist())]
@@ -417,15 +418,16 @@ def training_conditions(tracks, texts, cfg, generator=None):
 
 
 def make_planner_loss(planner, vae, cfg):
-    """loss_fn for vae.train: encode the clip with the frozen VAE (means, Sec. B), normalise, flow matching."""
+    """loss_fn for vae.train: encode the clip with the frozen VAE (means, Sec. B), normalise, flow matching.
+    Conditions, noise and time come from batch["rng"], keyed by each sample's global index."""
     def planner_loss(net, batch):
-        image, tracks = batch["image"], batch["tracks"]
+        image, tracks, rng = batch["image"], batch["tracks"], batch["rng"]
         vae.to(image.device)
         with torch.no_grad():
             x0 = planner.normalise(vae.encode(image, tracks[:, :vae.cfg.n_enc])[0].float())
-        pokes, poke_mask, text = training_conditions(tracks, batch["text"], cfg)
-        noise = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))  # logit-normal time
+        pokes, poke_mask, text = training_conditions(tracks, batch["text"], cfg, rng)
+        noise = rng.randn(*x0.shape[1:])
+        t = torch.sigmoid(rng.randn())  # logit-normal time
         loss = flow_matching_loss(lambda x, tt: net(x, tt, image, pokes, poke_mask, text), x0, noise, t)
         return loss, {}
     return planner_loss

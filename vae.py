@@ -440,20 +440,22 @@ class TrackVAE(nn.Module):
                                                                     desc="dense decode", leave=False)]
         return torch.cat(parts, dim=1).reshape(z.shape[0], height, width, T, 2)
 
-    def forward(self, image, tracks, visible=None):
+    def forward(self, image, tracks, visible=None, rng=None):
         """Loss terms (Table F): L1 on unit coordinates over the encoded and held-out tracks + beta * KL.
-        tracks [B, N, T, 2]: the first cfg.n_enc are encoded, all N are reconstructed from their start points."""
+        tracks [B, N, T, 2]: the first cfg.n_enc are encoded, all N are reconstructed from their start points.
+        rng: a SampleRandom for the track dropout and the posterior noise (default: the global RNG)."""
         cfg = self.cfg
         B, N, T, _ = tracks.shape
+        rng = SampleRandom.default(rng, B, tracks.device)
         use = torch.ones(B, N, T, dtype=torch.bool, device=tracks.device)
         if cfg.mask_occluded and visible is not None:
             use = use & visible
         if self.training and cfg.track_dropout > 0:
-            use = use & (torch.rand(B, N, 1, device=tracks.device) >= cfg.track_dropout)
+            use = use & (rng.rand(N, 1) >= cfg.track_dropout)
         ctx = self.image_tokens(image)
         n_enc = min(cfg.n_enc, N)
         mean, logvar = self.encode(image, tracks[:, :n_enc], use[:, :n_enc], image_tokens=ctx)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
+        z = mean + rng.randn(*mean.shape[1:]) * (0.5 * logvar).exp() if self.training else mean
         pred = self.decode(z, image, tracks[:, :, 0], T, image_tokens=ctx)
         losses = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
         if cfg.recon_loss not in losses:
@@ -570,6 +572,38 @@ def accumulation_steps(step, cfg, world):
         raise ValueError(f"batch_start={cfg.batch_start} must be a multiple of micro_batch * world size = "
                          f"{cfg.micro_batch} * {world}, and batch_end={cfg.batch_end} a multiple of batch_start")
     return global_batch_at(step, cfg) // per_round
+
+
+class SampleRandom:
+    """Random numbers keyed by (seed, global sample index): sample i of a run draws the same noise, track
+    dropout and conditions whichever rank, micro-batch or resumed run it lands in, so DDP on any number of
+    processes and a resumed run reproduce the single-process run. rand / randn(*shape) -> [B, *shape]: row b
+    comes from sample b's own generator, drawn in call order. train() puts one in every batch as batch["rng"].
+    SampleRandom.default(rng, B, device) is rng, or else the same interface over the global torch RNG."""
+
+    def __init__(self, index, seed, device="cpu"):
+        if not 0 <= seed < 2 ** 23:
+            raise ValueError(f"seed: expected 0 <= seed < 2**23, got {seed}")
+        self.device, self.batch = device, len(index)
+        self.generators = [torch.Generator().manual_seed(seed << 40 | int(i)) for i in index]
+
+    @classmethod
+    def default(cls, rng, batch, device):
+        if rng is None:
+            rng = cls([], 0, device)
+            rng.batch, rng.generators = batch, None
+        return rng
+
+    def _draw(self, fn, shape):
+        if self.generators is None:
+            return fn((self.batch, *shape)).to(self.device)
+        return torch.stack([fn(shape, generator=g) for g in self.generators]).to(self.device)
+
+    def rand(self, *shape):
+        return self._draw(torch.rand, shape)
+
+    def randn(self, *shape):
+        return self._draw(torch.randn, shape)
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -733,6 +767,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
             model.train()
             for a in range(n_acc):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+                batch["rng"] = SampleRandom(batch["index"].tolist(), cfg.seed, device)
                 sync = a == n_acc - 1 or world == 1
                 if world > 1:
                     net.require_backward_grad_sync = sync
@@ -796,7 +831,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
 
 
 def vae_loss(net, batch):
-    out = net(batch["image"], batch["tracks"], batch["visible"])
+    out = net(batch["image"], batch["tracks"], batch["visible"], rng=batch["rng"])
     return out["loss"], {"l1": out["l1"], "kl": out["kl"]}
 
 

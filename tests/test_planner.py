@@ -7,6 +7,7 @@ import torch
 
 import planner
 import vae
+from vae import SampleRandom
 from planner import (PRESETS, MotionPlanner, PlannerConfig, euler_sample, flow_matching_loss, load_planner,
                      training_conditions)
 
@@ -135,9 +136,8 @@ def test_bad_pokes_and_images_are_named_value_errors(micro_planner):
 
 def test_training_conditions_cover_every_poke_count_and_read_the_tracks():
     cfg = micro_config(max_pokes=16, cond="both")
-    g = torch.Generator().manual_seed(0)
     tracks = torch.rand(4000, 20, 8, 2) * 2 - 1
-    pokes, mask, text = training_conditions(tracks, ["a caption"] * 4000, cfg, g)
+    pokes, mask, text = training_conditions(tracks, ["a caption"] * 4000, cfg, SampleRandom(range(4000), seed=0))
     counts = mask.sum(1)
     assert set(counts.tolist()) == set(range(17))  # 0 (text only / null) and every count 1..16
     with_text = torch.tensor([t is not None for t in text])
@@ -149,8 +149,11 @@ def test_training_conditions_cover_every_poke_count_and_read_the_tracks():
     match = [(tracks[b, n, 0] == pokes[b, p, :2]).all() and (tracks[b, n, frame] == pokes[b, p, 2:4]).all()
              for n in range(20)]
     assert any(match)
-    only_pokes = training_conditions(tracks[:100], ["x"] * 100, dataclasses.replace(cfg, cond="pokes"), g)
+    only_pokes = training_conditions(tracks[:100], ["x"] * 100, dataclasses.replace(cfg, cond="pokes"))
     assert all(t is None for t in only_pokes[2])
+    # keyed by sample index: samples 3 and 4 drawn in a batch of their own get the same conditions
+    pokes_34, mask_34, text_34 = training_conditions(tracks[3:5], ["a caption"] * 2, cfg, SampleRandom([3, 4], seed=0))
+    assert torch.equal(pokes_34, pokes[3:5]) and torch.equal(mask_34, mask[3:5]) and text_34 == text[3:5]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers and runs
