@@ -534,27 +534,35 @@ def config_from_dict(cls, values, source):
 
 
 def setup_distributed(device="auto"):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them run single-process. NCCL on CUDA, gloo on CPU."""
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them run single-process. NCCL on CUDA, gloo on CPU.
+    Returns (rank, world, device, owned): owned = this call started the process group (and train() ends it)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if "RANK" in os.environ:
+    owned = "RANK" in os.environ and not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    return rank, world, torch.device(device)
+    return rank, world, torch.device(device), owned
+
+
+def warmup(step, warmup_steps):
+    """Linear warm-up: (step + 1) / warmup_steps of the learning rate, then 1."""
+    return min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def wsd_tail(step, max_steps, decay_frac):
+    """Warmup-stable-decay: 1 (the constant phase) until the last decay_frac of the steps, then linear to 0."""
+    decay_start = int(max_steps * (1 - decay_frac))
+    return 1.0 if step < decay_start else (max_steps - step) / max(1, max_steps - decay_start)
 
 
 def lr_at(step, cfg):
-    """Linear warm-up, constant, then the warmup-stable-decay tail: linear to 0 over the last decay_frac."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_start = int(cfg.max_steps * (1 - cfg.decay_frac))
-    if step < decay_start:
-        return cfg.lr
-    return cfg.lr * (cfg.max_steps - step) / max(1, cfg.max_steps - decay_start)
+    """Table F: linear warm-up, constant, and the WSD decay tail."""
+    return cfg.lr * min(warmup(step, cfg.warmup_steps), wsd_tail(step, cfg.max_steps, cfg.decay_frac))
 
 
 def global_batch_at(step, cfg):
@@ -626,16 +634,30 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temp file, fsync, keep the previous checkpoint as .prev, rename into place."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Atomic, keeping the last two: write path.tmp and fsync it; hard-link the current checkpoint to path.prev
+    (a copy where links are not supported); rename path.tmp over path; fsync the folder. A process killed at
+    any point leaves path (or, before the first save completes, nothing) loadable. state must hold only
+    tensors and plain Python values: every loader reads with weights_only=True."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(path):
-        os.replace(path, path + ".prev")
+        try:
+            os.link(path, path + ".prev.tmp")
+        except OSError:
+            import shutil
+            shutil.copyfile(path, path + ".prev.tmp")
+        os.replace(path + ".prev.tmp", path + ".prev")
     os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path, kind, device="cpu"):
@@ -652,13 +674,15 @@ def load_checkpoint(path, kind, device="cpu"):
     return ckpt
 
 
-def latest_checkpoint(out_dir, kind):
-    """The newest loadable checkpoint in out_dir (ckpt.pt, else ckpt.pt.prev), or None."""
+def latest_checkpoint(out_dir, kind, device="cpu"):
+    """The newest good checkpoint in out_dir: ckpt.pt (always the newer), else ckpt.pt.prev; None if neither
+    loads. A half-written ckpt.pt.tmp is never read."""
     for path in (os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt.pt.prev")):
         try:
-            return load_checkpoint(path, kind)
-        except ValueError:
-            continue
+            return load_checkpoint(path, kind, device)
+        except ValueError as e:
+            if os.path.exists(path):
+                print(f"warning: skipping {e}")
     return None
 
 
@@ -709,12 +733,18 @@ class Logger:
                 f.write(line + "\n")
 
 
-def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
+def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, max_nonfinite=10):
     """The training loop every stage uses (nanoGPT-style). loss_fn(model, batch) -> (loss, {name: tensor});
-    validate(raw_model, step) -> {name: float} runs on rank 0 with the raw (unwrapped) model. ema: an EMA,
-    updated after every optimiser step and saved with the checkpoint (the planner's)."""
+    batch["rng"] is a SampleRandom keyed by the global sample index: draw every random number from it. validate(
+    raw_model, step) -> {name: float} runs on rank 0 with the raw (unwrapped) model. ema: an EMA, updated after
+    every optimiser step and saved with the checkpoint (the planner's). A step whose loss or gradient is not
+    finite on any rank is skipped on every rank; max_nonfinite such steps in a row stop the run.
+
+    Guarantees (tests/test_train.py): the samples of a step and their random numbers do not depend on the
+    number of processes, so 2 processes give the parameters of 1 at the same global batch; a resumed run
+    (model, optimiser, EMA, step, sample counter) continues bit-identically on CPU; checkpoints are atomic."""
     from tqdm import tqdm
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device, owned = setup_distributed(cfg.device)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log = Logger(cfg.out_dir, rank == 0)
@@ -729,7 +759,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         step, sample = 0, 0
-        ckpt = latest_checkpoint(cfg.out_dir, kind) if cfg.resume else None
+        ckpt = latest_checkpoint(cfg.out_dir, kind, device) if cfg.resume else None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -751,12 +781,12 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
 
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepSampler(cfg, rank, world, step, sample),
                                              num_workers=cfg.num_workers, persistent_workers=False)
-        batches = iter(loader)  # (draws a loader seed from the global RNG: before the RNG is set below)
-        torch.manual_seed(cfg.seed * 1000 + rank + step)
+        batches = iter(loader)
+        torch.manual_seed(cfg.seed * 1000 + rank + step)  # (training draws from batch["rng"], not from here)
         if ckpt is not None and rank == 0:
-            torch.set_rng_state(ckpt["rng"])  # rank 0 continues its own random stream exactly
+            torch.set_rng_state(ckpt["rng"].cpu())
         bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc=kind, dynamic_ncols=True)
-        sums, t_log, steps_since, t_start = {}, time.time(), 0, time.time()
+        sums, t_log, steps_since, t_start, nonfinite = {}, time.time(), 0, time.time(), []
         while step < cfg.max_steps:
             if not image_trainable and 0 <= cfg.unfreeze_image_encoder_at <= step:
                 net, image_trainable = wrap()
@@ -765,19 +795,20 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
                 group["lr"] = lr_at(step, cfg)
             n_acc = accumulation_steps(step, cfg, world)
             model.train()
+            step_sums = {}
             for a in range(n_acc):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
                 batch["rng"] = SampleRandom(batch["index"].tolist(), cfg.seed, device)
-                sync = a == n_acc - 1 or world == 1
                 if world > 1:
-                    net.require_backward_grad_sync = sync
+                    net.require_backward_grad_sync = a == n_acc - 1
                 with autocast:
                     loss, metrics = loss_fn(net, batch)
                 (loss / n_acc).backward()
                 for k, v in {"loss": loss, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / n_acc
-            finite = torch.tensor(float(all(torch.isfinite(p.grad).all() for p in model.parameters()
-                                            if p.grad is not None)), device=device)
+                    step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / n_acc
+            # skip together: one rank's NaN must not leave the others stepping alone (or DDP hangs)
+            finite = torch.tensor(float(torch.isfinite(step_sums["loss"]) and all(
+                torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)), device=device)
             if world > 1:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -785,15 +816,24 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
                 opt.step()
                 if ema is not None:
                     ema.update(model)
+                for k, v in {**step_sums, "gnorm": gnorm.detach().float()}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps_since += 1
+                nonfinite = []
             else:
-                log(f"step {step}: non-finite gradient, step skipped")
+                nonfinite.append(step)
+                log(f"warning: step {step}: non-finite loss or gradient on some rank, step skipped on every rank "
+                    f"({len(nonfinite)} in a row)")
+                if len(nonfinite) >= max_nonfinite:
+                    raise RuntimeError(
+                        f"{kind}: non-finite loss or gradient at {len(nonfinite)} steps in a row (steps "
+                        f"{nonfinite[0]}..{nonfinite[-1]}); stopping at step {step}. The last good checkpoint in "
+                        f"{cfg.out_dir} is untouched; lower --lr or check the data, then --resume")
             opt.zero_grad(set_to_none=True)
-            sums["gnorm"] = sums.get("gnorm", 0.0) + gnorm.detach().float()
             sample += n_acc * cfg.micro_batch * world
             step += 1
-            steps_since += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if (step % cfg.log_every == 0 or step == cfg.max_steps) and steps_since > 0:
                 names = sorted(sums)
                 values = torch.stack([torch.as_tensor(sums[k], device=device) for k in names]) / steps_since
                 if world > 1:
@@ -822,7 +862,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None):
         bar.close()
         return model
     finally:
-        if dist.is_initialized():
+        if owned and dist.is_initialized():
             dist.destroy_process_group()
 
 
