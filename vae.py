@@ -931,11 +931,11 @@ def main(argv=None):
             print(f"{part:>14}: {n / 1e6:8.2f}M")
         print(f"total parameters: {sum(p.numel() for p in model.parameters())}")
         return
-    from data import TrackDataset
+    from data import make_track_dataset  # synthetic, .npz clips, .tar shards, or LIBERO .hdf5 demos
     common = dict(n_frames=cfg.n_frames, n_enc=cfg.n_enc, n_dec=cfg.n_dec, image_size=cfg.image_size,
                   seed=cfg.seed, synth_tracks=cfg.synth_tracks)
-    train_set = TrackDataset(cfg.data, "train", **common)
-    val_set = TrackDataset(cfg.data, "val", length=cfg.val_clips, **common)
+    train_set = make_track_dataset(cfg.data, "train", **common)
+    val_set = make_track_dataset(cfg.data, "val", length=cfg.val_clips, **common)
 
     def validate(raw_model, step):
         return validate_vae(raw_model, val_set, step, os.path.join(cfg.out_dir, "val.png"))
