@@ -14,6 +14,7 @@ import vae
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+SAME_THREADS = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # bit-identical needs the same reductions
 
 
 def run(*cmd, **kwargs):
@@ -87,7 +88,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, straight):
 
 @pytest.mark.parametrize("point", ["write", "rename"])
 def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint_and_resume_finishes_the_run(tmp_path, straight, point):
-    result = run(sys.executable, WORKER, f"kill-{point}", str(tmp_path))
+    result = run(sys.executable, WORKER, f"kill-{point}", str(tmp_path), env=SAME_THREADS)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     left = sorted(os.listdir(tmp_path))
     assert "ckpt.pt.tmp" in left                        # the step-4 checkpoint never made it into place
