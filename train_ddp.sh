@@ -146,9 +146,10 @@ for name in ("tracks.json", "tracks_text.json"):
     for (method, pokes), r in rows.items():
         if method == "planner":
             label = ("text" if runs["text"] else "nothing") if pokes == "0" else f"{pokes} poke{'s' * (pokes != '1')}"
-            straight = rows.get(("straight_to_poke", pokes), {}).get("min", float("nan"))
-            epe = r["epe"] if pokes != "0" else float("nan")
-            print(f"  {label:<12}{r['min']:9.1f}{epe:7.1f}{straight:18.1f}{rows[('static', pokes)]['min']:9.1f}")
+            straight = rows.get(("straight_to_poke", pokes))
+            epe = f"{r['epe']:.1f}" if pokes != "0" else "-"
+            straight = f"{straight['min']:.1f}" if straight else "-"
+            print(f"  {label:<12}{r['min']:9.1f}{epe:>7}{straight:>18}{rows[('static', pokes)]['min']:9.1f}")
 EOF
 }
 
