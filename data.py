@@ -121,10 +121,10 @@ def save_clip(path, video, tracks, visibility, text=None, actions=None, compress
         arrays["text"] = np.array(clip["text"])  # a 0-d unicode array loads without pickle
     if clip["actions"] is not None:
         arrays["actions"] = clip["actions"]
-    _write_atomically(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays))
+    write_atomically(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays))
 
 
-def _write_atomically(path, write, suffix=".tmp"):
+def write_atomically(path, write, suffix=".tmp"):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix)
@@ -141,6 +141,14 @@ def _write_atomically(path, write, suffix=".tmp"):
 def load_clip(path):
     """Read and validate a clip .npz -> dict(video, tracks, visibility, text, actions); ValueError if bad."""
     name = str(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"{name}: cannot be read ({e})") from None
+    if magic[:2] != b"PK":  # an .npz is a zip archive; anything else (an image, a .npy, a text file) is not a clip
+        raise ValueError(f"{name}: not a .npz clip (a clip is a zip archive of named arrays, written by "
+                         f"data.save_clip; this file starts with {magic!r})")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -405,7 +413,7 @@ def write_video(path, frames, fps=12):
     """Write uint8 frames [T, H, W, 3] to a .gif or .mp4 (chosen by the extension), atomically."""
     ext = os.path.splitext(str(path))[1].lower()
     kwargs = dict(duration=1000 / fps, loop=0) if ext == ".gif" else dict(fps=fps)
-    _write_atomically(path, lambda f: f.write(iio.imwrite("<bytes>", np.asarray(frames), extension=ext, **kwargs)),
+    write_atomically(path, lambda f: f.write(iio.imwrite("<bytes>", np.asarray(frames), extension=ext, **kwargs)),
                       suffix=ext)
 
 
@@ -842,7 +850,7 @@ def save_libero_demo(path, actions, views, task_emb, task_emb_key, text="", upsi
                 group.create_dataset("vis", data=np.asarray(fields["visibility"], bool)[None])
                 for key in fields.keys() - {"video", "tracks", "visibility"}:
                     group.create_dataset(key, data=fields[key])
-    _write_atomically(path, write, suffix=".hdf5.tmp")
+    write_atomically(path, write, suffix=".hdf5.tmp")
 
 
 def find_libero_demos(source):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import (_write_atomically, draw_tracks, load_clip, make_synthetic_clip, pixels_to_unit, prepare_image,
+from data import (draw_tracks, load_clip, make_synthetic_clip, pixels_to_unit, prepare_image, write_atomically,
                   sample_pokes, select_eval_tracks, time_colors, unit_to_pixels, write_video)
 from eval import autocast, load_stage, peak_memory, pick_device, reset_peak_memory
 from planner import check_planner_matches_vae, load_planner
@@ -462,10 +462,10 @@ def run(args):
     # ---- write (each file atomically)
     os.makedirs(args.out, exist_ok=True)
     for name, arrays in files.items():
-        _write_atomically(os.path.join(args.out, name), lambda f, a=arrays: np.savez(f, **a), suffix=".npz")
+        write_atomically(os.path.join(args.out, name), lambda f, a=arrays: np.savez(f, **a), suffix=".npz")
     pictures = {"samples.png": picture, **({"dense.png": dense_picture} if dense else {})}
     for name, image_array in pictures.items():
-        _write_atomically(os.path.join(args.out, name),
+        write_atomically(os.path.join(args.out, name),
                           lambda f, a=image_array: f.write(iio.imwrite("<bytes>", a, extension=".png")), suffix=".png")
     write_video(os.path.join(args.out, "samples.gif"), movie, fps=max(6, T // 4))
     written = list(files) + list(pictures) + ["samples.gif"]

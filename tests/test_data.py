@@ -120,6 +120,8 @@ def _bad_case(path, case):
     elif case == "a single npy":
         with open(path, "wb") as f:
             np.save(f, tracks)
+    elif case == "a PNG":
+        iio.imwrite(path, np.zeros((8, 8, 3), np.uint8), extension=".png")
     else:
         with open(path, "wb") as f:
             np.savez(f, **fields)
@@ -129,7 +131,7 @@ BAD = {"missing visibility": "'visibility'", "float video": "'video'", "rank-2 t
        "tracks as [N, T, 2]": "'tracks'", "visibility N mismatch": "'visibility'", "uint8 visibility": "'visibility'",
        "NaN tracks": "'tracks'", "inf tracks": "'tracks'", "empty clip": "'video'", "no tracks": "'tracks'",
        "actions T mismatch": "'actions'", "numeric text": "'text'", "object video": "'video'",
-       "not an npz": "not a readable .npz", "a single npy": "single array"}
+       "not an npz": "not a .npz clip", "a single npy": "not a .npz clip", "a PNG": "PNG')"}
 
 
 @pytest.mark.parametrize("case", list(BAD))
