@@ -4,7 +4,8 @@
 #   bash train_ddp.sh                      # the tiny pipeline: VAE, planner, samples, evaluation -> out/tiny/
 #   bash train_ddp.sh vae [args...]        # one stage through torchrun; args go to the stage's script
 #   bash train_ddp.sh planner [args...]
-#   bash train_ddp.sh policy [args...]
+#   bash train_ddp.sh planner-libero [args...]   # LIBERO (Sec. A): needs robot demos, python data.py robot --out data/robot
+#   bash train_ddp.sh policy [args...]           # the action head on the LIBERO planner's latents
 #
 # Settings (environment variables, with defaults):
 #   PRESET=tiny            tiny | paper (the stage scripts' --preset)
@@ -92,20 +93,25 @@ stage() {  # stage vae|planner|policy [args...]: torchrun the stage's script on 
         launch=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
                 --master_port="$MASTER_PORT" "${launch[@]}")
     fi
-    local inputs=()
+    local script=$name.py preset=$PRESET inputs=()
     case $name in
         vae) ;;
         planner)
             need "$OUT/vae/ckpt.pt" "bash train_ddp.sh vae"
             inputs=(--vae="$OUT/vae/ckpt.pt") ;;
+        planner-libero)  # Sec. A: the LIBERO planner, in the same VAE's latent space
+            need "$OUT/vae/ckpt.pt" "bash train_ddp.sh vae"
+            script=planner.py
+            case $PRESET in paper) preset=libero ;; tiny) preset=libero_tiny ;; esac
+            inputs=(--vae="$OUT/vae/ckpt.pt") ;;
         policy)
-            need policy.py "(policy.py is not in this checkout)"
-            ;;
-        *) echo "train_ddp.sh: unknown stage '$name' (vae, planner, policy, or no argument for the pipeline)" >&2
+            need "$OUT/planner-libero/ckpt.pt" "bash train_ddp.sh planner-libero"
+            inputs=(--planner="$OUT/planner-libero/ckpt.pt") ;;
+        *) echo "train_ddp.sh: unknown stage '$name' (vae, planner, planner-libero, policy; none = the pipeline)" >&2
            exit 2 ;;
     esac
     [[ -z $DATA ]] || inputs+=(--data="$DATA")
-    run "$PYTHON" -m torch.distributed.run "${launch[@]}" "$name.py" --preset="$PRESET" --out_dir="$OUT/$name" \
+    run "$PYTHON" -m torch.distributed.run "${launch[@]}" "$script" --preset="$preset" --out_dir="$OUT/$name" \
         "${inputs[@]}" "$@"
 }
 
