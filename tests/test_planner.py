@@ -223,3 +223,151 @@ def test_planner_trains_from_a_vae_checkpoint_and_reloads(tmp_path):
     assert all(f" {k} " in val for k in ("VAE_floor", "static", "p1", "straight_p4", "EPE_p4", "text", "null"))
     with pytest.raises(ValueError, match="expected a 'planner' checkpoint"):
         load_planner(str(tmp_path / "vae.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------- LIBERO (Sec. A)
+
+def micro_libero(**overrides):
+    torch.manual_seed(0)
+    model = MotionPlanner(micro_config(task="libero", text_dim=12, **overrides), pretrained=False).eval()
+    for p in model.parameters():  # move the zero-initialised output layer and adaptive norms off zero
+        p.data += 0.05 * torch.randn_like(p)
+    return model
+
+
+def libero_inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(B, 2 * 16, 4, generator=g), t=torch.rand(B, generator=g),
+                image=torch.randn(B, 2, 3, 28, 28, generator=g), task_emb=torch.randn(B, 12, generator=g),
+                timestep=torch.tensor([5, 120])[:B])
+
+
+def test_libero_planner_plans_both_views_as_one_sequence_and_reads_task_and_timestep():
+    model, a = micro_libero(), libero_inputs()
+    assert model.n_views == 2 and model.poke_embed is None and model.token_pos.shape == (2 * 16 + 2 * 4, 2)
+    v = model(a["x"], a["t"], a["image"], task_emb=a["task_emb"], timestep=a["timestep"])
+    assert v.shape == (2, 32, 4)
+    # the task embedding and the timestep token each change the velocity, per sample
+    other_task = a["task_emb"].clone()
+    other_task[1] += 1.0
+    v_task = model(a["x"], a["t"], a["image"], task_emb=other_task, timestep=a["timestep"])
+    assert torch.allclose(v_task[0], v[0], atol=1e-6) and not torch.allclose(v_task[1], v[1], atol=1e-3)
+    v_step = model(a["x"], a["t"], a["image"], task_emb=a["task_emb"], timestep=torch.tensor([5, 400]))
+    assert torch.allclose(v_step[0], v[0], atol=1e-6) and not torch.allclose(v_step[1], v[1], atol=1e-3)
+    # the two views are told apart: swapping their frames (and latent grids) is not a relabelling
+    swapped = model(a["x"].roll(16, dims=1), a["t"], a["image"].flip(1), task_emb=a["task_emb"], timestep=a["timestep"])
+    assert not torch.allclose(swapped.roll(16, dims=1), v, atol=1e-3)
+    # sampling gives both grids, view-major; a given noise is the starting point
+    noise = torch.randn(2, 32, 4)
+    z = model.sample(a["image"], task_emb=a["task_emb"], timestep=a["timestep"], steps=2, noise=noise)
+    assert z.shape == (2, 32, 4)
+    again = model.sample(a["image"], task_emb=a["task_emb"], timestep=a["timestep"], steps=2, noise=noise)
+    assert torch.equal(z, again)
+    # the open-domain conditions are refused, and the open planner has none of the LIBERO parameters
+    with pytest.raises(ValueError, match="LIBERO"):
+        model(a["x"], a["t"], a["image"], text=["pick up the bowl"] * 2)
+    with pytest.raises(ValueError, match="image"):
+        model(a["x"], a["t"], a["image"][:, 0], task_emb=a["task_emb"], timestep=a["timestep"])
+    open_names = set(MotionPlanner(micro_config(), pretrained=False).state_dict())
+    assert not any(n.startswith(("view_embed", "timestep_embed")) for n in open_names)
+
+
+def test_start_frame_dropout_removes_the_image_for_dropped_samples_only():
+    model, a = micro_libero(), libero_inputs()
+    keep = torch.tensor([True, False])
+    other = a["image"] + torch.randn_like(a["image"])
+    v = model(a["x"], a["t"], a["image"], task_emb=a["task_emb"], timestep=a["timestep"], image_mask=keep)
+    v_other = model(a["x"], a["t"], other, task_emb=a["task_emb"], timestep=a["timestep"], image_mask=keep)
+    assert not torch.allclose(v[0], v_other[0], atol=1e-3)     # kept: the frames matter
+    assert torch.allclose(v[1], v_other[1], atol=1e-6)         # dropped: no trace of them
+    # per view: dropping only the eye-in-hand frame leaves the agent-view frame in charge
+    per_view = torch.tensor([[True, False], [True, False]])
+    changed = a["image"].clone()
+    changed[:, 1] += 1.0
+    v1 = model(a["x"], a["t"], a["image"], task_emb=a["task_emb"], timestep=a["timestep"], image_mask=per_view)
+    v2 = model(a["x"], a["t"], changed, task_emb=a["task_emb"], timestep=a["timestep"], image_mask=per_view)
+    assert torch.allclose(v1, v2, atol=1e-6)
+
+
+def test_libero_loss_draws_dropout_and_noise_from_the_sample_index():
+    from test_vae import micro_config as vae_micro_config
+    vcfg = vae_micro_config(n_enc=6, n_dec=6, synth_tracks=64)
+    torch.manual_seed(0)
+    vae_model = vae.TrackVAE(vcfg).eval()
+    model = micro_libero()
+    cfg = dataclasses.replace(model.cfg, image_dropout=0.5, image_noise=0.3)
+    seen = []
+
+    def net(x, t, image, **libero):
+        seen.append((image, libero["image_mask"]))
+        return model(x, t, image, **libero)
+    a = libero_inputs(B=2)
+    batch = dict(image=a["image"], tracks=torch.rand(2, 2, 6, 8, 2) * 2 - 1, task_emb=a["task_emb"],
+                 timestep=a["timestep"])
+    loss_fn = planner.make_libero_loss(model, vae_model, cfg)
+    loss_a, _ = loss_fn(net, dict(batch, rng=SampleRandom([10, 11], seed=0)))
+    loss_b, _ = loss_fn(net, dict(batch, rng=SampleRandom([10, 11], seed=0)))
+    loss_c, _ = loss_fn(net, dict(batch, rng=SampleRandom([12, 13], seed=0)))
+    assert torch.equal(loss_a, loss_b) and not torch.equal(loss_a, loss_c)
+    assert torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[0][0], a["image"])  # noise-augmented
+    # over many samples, about image_dropout of them lose their start frames; the rest keep both
+    B = 96
+    big = dict(image=a["image"][:1].expand(B, -1, -1, -1, -1), tracks=batch["tracks"][:1].expand(B, -1, -1, -1, -1),
+               task_emb=a["task_emb"][:1].expand(B, -1), timestep=a["timestep"][:1].expand(B))
+    seen.clear()
+    loss_fn(lambda x, t, image, **libero: seen.append(libero["image_mask"]) or torch.zeros_like(x),
+            dict(big, rng=SampleRandom(range(B), seed=0)))
+    assert seen[0].shape == (B,) and 0.3 < (~seen[0]).float().mean() < 0.7
+
+
+def test_libero_presets_lock_dinov2_and_size_the_text_transformer():
+    paper = PlannerConfig(**PRESETS["libero"])
+    assert paper.task == "libero" and paper.freeze_image_encoder and paper.text_layers == 6 and paper.text_dim == 768
+    with torch.device("meta"):
+        model = MotionPlanner(dataclasses.replace(paper, image_encoder="random"), pretrained=False)
+    groups = planner.planner_parameter_groups(model)
+    assert abs(groups["text"] - 46e6) / 46e6 < 0.05  # DESIGN.md: the LIBERO text transformer, 46M
+    tiny = PlannerConfig(**PRESETS["libero_tiny"])
+    assert tiny.task == "libero" and tiny.freeze_image_encoder and tiny.out_dir == "out/tiny/planner-libero"
+
+
+def micro_robot_demos(folder, n=4):
+    """n short robot demos (data.py's robot task) with a made-up 12-d task embedding, for main() runs."""
+    import numpy as np
+    import data
+    embed = lambda text: np.random.default_rng(sum(map(ord, text))).standard_normal(12).astype(np.float32)
+    data.write_robot_demos(str(folder), n, seed=0, n_points=96, frames=(34, 40), embed_fn=embed)
+    return str(folder)
+
+
+def train_micro_libero_planner(tmp_path, steps=2):
+    """A micro VAE checkpoint and robot demos, then planner.main with --preset libero_tiny: returns their paths."""
+    from test_vae import micro_config as vae_micro_config
+    vcfg = vae_micro_config(n_enc=6, n_dec=6, synth_tracks=64)
+    torch.manual_seed(0)
+    vae.save_checkpoint(str(tmp_path / "vae.pt"), {"kind": "vae", "model": vae.TrackVAE(vcfg).state_dict(),
+                                                   "config": dataclasses.asdict(vcfg)})
+    demos = micro_robot_demos(tmp_path / "robot")
+    out = tmp_path / "planner-libero"
+    planner.main(["--preset=libero_tiny", f"--vae={tmp_path / 'vae.pt'}", f"--data={demos}", f"--out_dir={out}",
+                  "--dim=32", "--layers=1", "--head_dim=16", "--time_dim=16", "--cond_dim=32", "--fourier_bands=8",
+                  "--norm_samples=8", f"--max_steps={steps}", "--batch_start=4", "--batch_end=4", "--micro_batch=4",
+                  "--num_workers=0", "--val_clips=2", "--val_k=2", "--val_steps=2", f"--val_every={steps}",
+                  "--eval_tracks=4", "--log_every=1", "--device=cpu"])
+    return dict(vae=str(tmp_path / "vae.pt"), data=demos, planner=str(out / "ckpt.pt"), out=out)
+
+
+def test_libero_planner_trains_on_robot_demos_and_reports_the_table_e_protocol(tmp_path):
+    paths = train_micro_libero_planner(tmp_path)
+    ckpt = torch.load(paths["planner"], weights_only=True)
+    assert ckpt["config"]["task"] == "libero" and ckpt["config"]["text_dim"] == 12      # read from the data
+    assert ckpt["config"]["freeze_image_encoder"] and ckpt["config"]["n_frames"] == 8   # window 16 -> the VAE's 8
+    model = load_planner(paths["planner"])
+    assert model.n_views == 2 and "view_embed" in ckpt["ema"]["model"]
+    # DINOv2 locked: the image encoder still holds the VAE's weights after training
+    vae_state = torch.load(paths["vae"], weights_only=True)["model"]
+    for name, tensor in model.image_encoder.state_dict().items():
+        assert torch.equal(tensor, vae_state[f"image_encoder.{name}"]), name
+    log = (paths["out"] / "log.txt").read_text()
+    for key in ("agentview_min", "agentview_static", "agentview_floor", "eye_in_hand_min", "eye_in_hand_no_frame"):
+        assert f" {key} " in log, key

@@ -1,0 +1,468 @@
+"""Stage 3: the policy head for LIBERO action prediction (supplement Sec. A, "LIBERO Action Prediction").
+
+A shallow transformer (the "inverse dynamics module") whose learned action queries cross-attend ONLY to the motion
+latents that the frozen LIBERO planner generates (10 Euler steps, its EMA weights), regressing a chunk of future
+7-D robot actions with an L2 loss: behaviour cloning, as ATM and Tra-MoE. The head never sees the frames, the task
+or the timestep, so whatever it knows about what to do next went through the plan. Blocks and the training loop
+come from vae.py, the planner from planner.py.
+
+    python data.py robot --out data/robot --n 40 --seed 0           # synthetic robot demos in ATM's LIBERO layout
+    python planner.py --preset libero_tiny                           # the LIBERO planner -> out/tiny/planner-libero/
+    python policy.py                                                 # tiny head -> out/tiny/policy/ckpt.pt
+    python policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled     # control: other episodes' latents
+    python policy.py --evaluate --compare out/tiny/policy-shuffled/ckpt.pt    # held-out action MSE + Table E
+    python policy.py --preset paper --dry-run                        # parameters: the head, and with its planner
+    torchrun --nproc_per_node=2 policy.py --micro_batch=16
+
+Rollouts (frames uint8 [V, H, W, 3], both views upright, in planner.LIBERO_VIEWS order; t the episode step):
+
+    policy = load_policy("out/tiny/policy/ckpt.pt", averaging="exponential")
+    policy.reset()
+    action = policy.act(frames, task_emb, t)    # [7]: plan, regress a chunk, average the overlapping chunks
+"""
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from planner import LIBERO_VIEWS, PRESETS as PLANNER_PRESETS, MotionPlanner, PlannerConfig, load_planner
+from vae import (Block, RMSNorm, SampleRandom, config_from_dict, load_checkpoint, parse_config, set_trainable,
+                 train)
+
+
+@dataclass
+class PolicyConfig:
+    preset: str = "tiny"
+    planner: str = "out/paper/planner-libero/ckpt.pt"   # the frozen LIBERO planner (planner.py --preset libero)
+    data: str = "data/libero"                            # a folder of LIBERO demos (.hdf5, ATM's layout)
+    # the planner's latents (taken from the planner checkpoint): n_views grids of n_latents tokens
+    latent_tokens: int = 512
+    latent_channels: int = 16
+    # the head (Sec. A: "a shallow 6-layer transformer with dimensionality 768")
+    dim: int = 768
+    layers: int = 6
+    head_dim: int = 64
+    ffn_mult: int = 3
+    action_dim: int = 7                # LIBERO: end-effector delta (6) + gripper (1)
+    action_chunk: int = 16             # future actions per plan (ours: the 16-frame window the planner covers)
+    plan_steps: int = 10               # Euler steps of the planner for every plan, in training and rollouts (Sec. A)
+    shuffle_latents: bool = False      # the control: each window learns from the latents of another episode's window
+    latent_pool: int = 0               # > 0: cycle through this many training windows and cache their plans (a plan's
+                                       # noise is keyed by the window, so a cached plan is the same plan); 0: plan
+                                       # every sample afresh (the paper's way)
+    norm_samples: int = 512            # training windows for the action mean / std (the head outputs standardised)
+    # optimisation (not given in the supplement; Table F's optimiser)
+    max_steps: int = 100_000
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_steps: int = 300
+    decay_frac: float = 0.1
+    batch_start: int = 256
+    batch_end: int = 256
+    batch_ramp_steps: int = 1
+    micro_batch: int = 64
+    grad_clip: float = 1.0
+    freeze_image_encoder: bool = True  # (read by vae.train; the head has no image encoder)
+    unfreeze_image_encoder_at: int = -1
+    # run
+    seed: int = 0
+    out_dir: str = "out/paper/policy"
+    resume: bool = False
+    log_every: int = 50
+    val_every: int = 5000
+    val_clips: int = 0                 # held-out windows for the action MSE (0: all of them) ...
+    eval_stride: int = 4               # ... starting every eval_stride frames of the held-out demos
+    ckpt_every: int = 5000
+    num_workers: int = 4
+    device: str = "auto"
+    compile: bool = False
+    dry_run: bool = False
+    # evaluation (--evaluate): this head, a control head (--compare), the planner's Table E numbers
+    evaluate: bool = False
+    compare: str = ""
+    eval_k: int = 8
+    eval_json: str = ""
+
+
+PRESETS = {
+    "paper": {},
+    # 2 CPU cores in a few minutes: a narrow 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents; 512
+    # training windows planned once (a quarter of a second each) and cycled through.
+    "tiny": dict(
+        planner="out/tiny/planner-libero/ckpt.pt", data="data/robot", latent_tokens=128, latent_channels=8, dim=128,
+        layers=2, head_dim=32, latent_pool=512, norm_samples=256, max_steps=250, lr=1e-3, warmup_steps=25,
+        decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=25, val_every=250,
+        ckpt_every=250, num_workers=1, out_dir="out/tiny/policy", eval_json="out/tiny/eval/policy.json"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The head
+
+
+class PolicyHead(nn.Module):
+    """Learned action queries through layers of [self-attention among the queries, cross-attention to the latent
+    tokens, SwiGLU] (vae.Block), then a linear map to actions. Its only input is the planner's latents
+    [B, latent_tokens, C] (both views' grids, view-major); each latent token gets a learned embedding of its slot
+    (view and grid cell). Outputs standardised actions; actions() gives them in the data's units."""
+
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.latent_in = nn.Linear(cfg.latent_channels, d)
+        self.latent_pos = nn.Parameter(torch.randn(cfg.latent_tokens, d) * 0.02)
+        self.latent_norm = RMSNorm(d)
+        self.queries = nn.Parameter(torch.randn(cfg.action_chunk, d) * 0.02)   # one per future action
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, d, cfg.ffn_mult) for _ in range(cfg.layers))
+        self.out_norm = RMSNorm(d)
+        self.action_out = nn.Linear(d, cfg.action_dim)
+        nn.init.zeros_(self.action_out.weight)  # start at the mean action
+        nn.init.zeros_(self.action_out.bias)
+        # the planner's latent normalisation and the training actions' statistics, saved with the weights
+        self.register_buffer("latent_shift", torch.zeros(()))
+        self.register_buffer("latent_scale", torch.ones(()))
+        self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
+        self.register_buffer("action_std", torch.ones(cfg.action_dim))
+
+    def forward(self, z):
+        """z [B, latent_tokens, C] (the planner's output, un-normalised) -> standardised actions [B, chunk, A]."""
+        if z.dim() != 3 or tuple(z.shape[1:]) != (self.cfg.latent_tokens, self.cfg.latent_channels):
+            raise ValueError(f"latents: expected [B, {self.cfg.latent_tokens}, {self.cfg.latent_channels}], "
+                             f"got {list(z.shape)}")
+        ctx = self.latent_norm(self.latent_in((z - self.latent_shift) * self.latent_scale) + self.latent_pos)
+        x = self.queries.expand(z.shape[0], -1, -1)
+        for block in self.blocks:
+            x = block(x, None, ctx, None)   # (no RoPE: the slots are in latent_pos, the queries are learned)
+        return self.action_out(self.out_norm(x))
+
+    def actions(self, z):
+        return self.forward(z) * self.action_std + self.action_mean
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts: plan, regress, average the overlapping chunks
+
+
+class ActionChunker:
+    """Temporal averaging of overlapping action chunks (ACT's "temporal ensembling"). A chunk predicted at step s
+    covers steps s .. s + chunk - 1. The action at step t is the weighted mean of every stored chunk's entry for t,
+    weight exp(-decay * age) with age = t - s: "uniform" is decay 0, "exponential" with decay > 0 trusts newer
+    plans more (decay < 0: older ones, as ACT's m). Chunks [..., chunk, A] (any leading batch dimensions)."""
+
+    def __init__(self, chunk, weighting="exponential", decay=0.1):
+        if weighting not in ("uniform", "exponential"):
+            raise ValueError(f"weighting: expected 'uniform' or 'exponential', got {weighting!r}")
+        self.chunk, self.decay = chunk, 0.0 if weighting == "uniform" else decay
+        self.chunks = {}
+
+    def reset(self):
+        self.chunks = {}
+
+    def add(self, step, actions):
+        if actions.shape[-2] != self.chunk:
+            raise ValueError(f"actions: expected [..., {self.chunk}, A], got {list(actions.shape)}")
+        self.chunks[step] = actions
+        self.chunks = {s: a for s, a in self.chunks.items() if s > step - self.chunk}  # drop chunks that ended
+
+    def action(self, step):
+        covering = [(step - s, a[..., step - s, :]) for s, a in self.chunks.items() if 0 <= step - s < self.chunk]
+        if not covering:
+            raise ValueError(f"no stored chunk covers step {step}")
+        weights = [math.exp(-self.decay * age) for age, _ in covering]
+        return sum(w * a for w, (_, a) in zip(weights, covering)) / sum(weights)
+
+
+class Policy:
+    """The frozen planner + the head, for rollouts. chunk() plans (plan_steps Euler steps) and regresses a chunk of
+    actions; act() returns the action for step t: the newest chunk's first action, or with averaging
+    ("uniform" / "exponential") the average of every chunk predicted in this episode that covers t."""
+
+    def __init__(self, head, planner, steps=10, averaging="none", decay=0.1, seed=0):
+        self.head, self.planner, self.steps = head.eval(), planner.eval(), steps
+        self.chunker = None if averaging == "none" else ActionChunker(head.cfg.action_chunk, averaging, decay)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reset(self):
+        """Call at the start of every episode."""
+        if self.chunker is not None:
+            self.chunker.reset()
+
+    @torch.no_grad()
+    def chunk(self, frames, task_emb, t):
+        """frames uint8 [V, H, W, 3] or [B, V, H, W, 3] (upright); task_emb [D] or [B, D]; t int or [B]
+        -> actions [B, chunk, A] in the data's units."""
+        from data import prepare_image
+        frames = torch.as_tensor(frames)
+        frames = frames[None] if frames.dim() == 4 else frames
+        device = next(self.head.parameters()).device
+        size = self.planner.cfg.image_size
+        image = torch.stack([torch.stack([prepare_image(f.cpu().numpy(), size)[1] for f in views]) for views in frames])
+        task_emb = torch.as_tensor(task_emb, dtype=torch.float32).reshape(len(frames), -1)
+        timestep = torch.as_tensor(t).reshape(-1).expand(len(frames))
+        z = self.planner.sample(image.to(device), task_emb=task_emb.to(device), timestep=timestep.to(device),
+                                steps=self.steps, generator=self.generator)
+        return self.head.actions(z)
+
+    def act(self, frames, task_emb, t):
+        """The action for episode step t: [A] for one environment's frames [V, H, W, 3], [B, A] for a batch."""
+        actions = self.chunk(frames, task_emb, t)
+        if self.chunker is None:
+            action = actions[:, 0]
+        else:
+            step = int(torch.as_tensor(t).reshape(-1)[0])  # (a batch of environments steps together)
+            self.chunker.add(step, actions)
+            action = self.chunker.action(step)
+        return action[0] if np.ndim(frames) == 4 else action
+
+
+def frozen_planner(path, device="cpu"):
+    """The planner a head reads from: its EMA weights, frozen; a message naming the commands when missing."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--planner {path}: no such checkpoint. Make the data and a LIBERO planner first:\n"
+                         "  python data.py robot --out data/robot --n 40 --seed 0\n"
+                         "  python planner.py --preset libero_tiny        (or --preset libero for the paper's)")
+    planner = load_planner(path, device)
+    if planner.cfg.task != "libero":
+        raise SystemExit(f"--planner {path}: a {planner.cfg.task!r} planner; the policy needs a LIBERO planner "
+                         "(python planner.py --preset libero_tiny)")
+    set_trainable(planner, False)
+    return planner
+
+
+def load_policy(path, device="cpu", averaging="none", decay=0.1, seed=0):
+    """A Policy from a head checkpoint written by this file and the planner checkpoint it names."""
+    ckpt = load_checkpoint(path, kind="policy", device=device)
+    cfg = config_from_dict(PolicyConfig, ckpt["config"], path)
+    head = PolicyHead(cfg)
+    head.load_state_dict(ckpt["model"])
+    return Policy(head.to(device), frozen_planner(cfg.planner, device), cfg.plan_steps, averaging, decay, seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: windows with the planner inputs of the window whose plan they learn from
+
+
+def episode_of(item):
+    """A key that differs between windows of different demos: data.LiberoDataset items name no demo, but two
+    windows whose task or episode length differ come from different demos (two demos of one task and one length
+    share a key, so the control never takes a plan from the same demo, only sometimes skips another one)."""
+    return item.get("demo"), item["text"], int(item["episode_len"])
+
+
+class PlannedWindows(torch.utils.data.Dataset):
+    """Item i: the action chunk of training window w(i), and the planner inputs (both start frames, task embedding,
+    timestep) of window p(i), whose plan the head learns from. w(i) = i, or i mod pool with a pool; p = w, or with
+    shuffle a window of another episode drawn afresh for every sample i (seeded by i): the control. (A fixed
+    pairing would not do: the head could learn which plan stands for which actions.) plan_index = p(i) keys the
+    plan's noise and its cache entry."""
+
+    def __init__(self, base, pool=0, shuffle=False, seed=0):
+        self.base, self.pool, self.shuffle, self.seed = base, pool, shuffle, seed
+        self.items = {}  # with a pool: the pooled windows, read once (per loader worker)
+
+    def __len__(self):
+        return self.pool or len(self.base)
+
+    def window(self, w):
+        if not self.pool:
+            return self.base[w]
+        if w not in self.items:
+            self.items[w] = self.base[w]
+        return self.items[w]
+
+    def __getitem__(self, index):
+        w = int(index) % self.pool if self.pool else int(index)
+        own = self.window(w)
+        p, plan = w, own
+        rng = np.random.default_rng((self.seed, int(index), 5))
+        while self.shuffle and (p == w or episode_of(plan) == episode_of(own)):
+            p = int(rng.integers(self.pool or len(self.base)))
+            plan = self.window(p)
+        return dict(actions=own["actions"], image=plan["image"], task_emb=plan["task_emb"],
+                    timestep=torch.as_tensor(plan["timestep"]), plan_index=p, index=int(index))
+
+
+def plan(planner, batch, cfg, cache=None, seed_tag=0):
+    """The planner's latents for a batch of planner inputs, noise keyed by batch["plan_index"] (cache: a dict of
+    plans already made, by plan_index)."""
+    keys = [int(i) for i in batch["plan_index"]]
+    missing = [b for b, k in enumerate(keys) if cache is None or k not in cache]
+    if missing:
+        device = batch["image"].device
+        planner.to(device)
+        noise = SampleRandom([keys[b] for b in missing], cfg.seed + seed_tag, device).randn(
+            planner.n_views * planner.n_latents, planner.cfg.latent_channels)
+        z = planner.sample(batch["image"][missing], task_emb=batch["task_emb"][missing],
+                           timestep=batch["timestep"][missing], steps=cfg.plan_steps, noise=noise).float()
+        if cache is None:
+            return z
+        cache.update({keys[b]: row for b, row in zip(missing, z)})
+    return torch.stack([cache[k] for k in keys])
+
+
+def make_policy_loss(head, planner, cfg):
+    """loss_fn for vae.train: plan (frozen planner, no gradient), then the L2 loss on the actions (BC, Sec. A).
+    head: the raw model, for its action statistics (net may be its DDP wrapper)."""
+    cache = {} if cfg.latent_pool else None
+
+    def policy_loss(net, batch):
+        with torch.no_grad():
+            z = plan(planner, batch, cfg, cache)
+        # the head predicts standardised actions; the L2 loss is on the actions themselves (ATM's BC loss), so a
+        # dimension counts by its variance in the data (LIBERO's gripper command more than a small rotation)
+        return F.mse_loss(net(z) * head.action_std + head.action_mean, batch["actions"]), {}
+    return policy_loss
+
+
+def measure_action_stats(dataset, n):
+    actions = torch.cat([dataset[i]["actions"] for i in range(n)])
+    return actions.mean(0), actions.std(0).clamp(min=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation on held-out episodes
+
+
+def eval_windows(cfg, planner):
+    """Held-out windows (the val split: demos that training never sees), one starting every eval_stride frames
+    (the val split's windows start every `window` frames; the head needs no tracks), with planner inputs and actions."""
+    import data
+    val_set = data.LiberoDataset(cfg.data, "val", n_frames=planner.cfg.n_frames, window=cfg.eval_stride, n_tracks=1,
+                                 image_size=planner.cfg.image_size, action_chunk=cfg.action_chunk, seed=cfg.seed)
+    items = [val_set[i] for i in range(min(cfg.val_clips or len(val_set), len(val_set)))]
+    return dict(image=torch.stack([it["image"] for it in items]),
+                task_emb=torch.stack([it["task_emb"] for it in items]),
+                timestep=torch.stack([it["timestep"] for it in items]),
+                actions=torch.stack([it["actions"] for it in items]), plan_index=[it["index"] for it in items])
+
+
+@torch.no_grad()
+def action_mse(heads, planner, windows, cfg, batch_size=32):
+    """Action MSE in the data's units (mean over the chunk and the 7 dimensions) of each head on the held-out
+    windows, all from the same plans (noise keyed by the window), beside predicting the mean training action."""
+    device = next(planner.parameters()).device
+    zs = []
+    for first in range(0, len(windows["actions"]), batch_size):
+        part = {k: v[first:first + batch_size] for k, v in windows.items()}
+        part = {k: v.to(device) if torch.is_tensor(v) else v for k, v in part.items()}
+        zs.append(plan(planner, part, cfg, seed_tag=1))
+    z, actions = torch.cat(zs), windows["actions"].to(device)
+    mean = next(iter(heads.values())).action_mean
+    predictions = {name: head.eval().to(device).actions(z) for name, head in heads.items()}
+    predictions["mean_action"] = mean.expand_as(actions)
+    out = {}
+    for name, pred in predictions.items():
+        error = (pred - actions).pow(2).mean((0, 1))                   # per action dimension
+        out[name] = error.mean().item()
+        out[f"{name}_move"] = error[:2].mean().item()                  # dims 0-1: the end effector's x, y motion
+        out[f"{name}_gripper"] = error[-1].item()                      # dim 6: the gripper command
+    return out
+
+
+def load_head(path, device="cpu"):
+    ckpt = load_checkpoint(path, kind="policy", device=device)
+    head = PolicyHead(config_from_dict(PolicyConfig, ckpt["config"], path))
+    head.load_state_dict(ckpt["model"])
+    return head.to(device).eval()
+
+
+def evaluate(cfg, planner):
+    """--evaluate: the trained head (out_dir/ckpt.pt) and --compare heads on held-out episodes, then the
+    planner's Min-MSE under the LIBERO protocol (Table E: 16-frame windows, 32 non-static tracks, 128 px)."""
+    from planner import libero_datasets, validate_libero
+    from vae import load_vae
+    heads = {"policy": load_head(os.path.join(cfg.out_dir, "ckpt.pt"))}
+    for path in filter(None, cfg.compare.split(",")):  # named by their folder, e.g. policy-shuffled
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        heads[name if name not in heads else path] = load_head(path)
+    windows = eval_windows(cfg, planner)
+    results = action_mse(heads, planner, windows, cfg)
+    print(f"action MSE on {len(windows['actions'])} held-out windows ({cfg.action_chunk} actions x {cfg.action_dim} "
+          f"dims, data units):")
+    for name in [*heads, "mean_action"]:
+        print(f"  {name:>16}: {results[name]:.5f} ({results['mean_action'] / results[name]:.2f}x better than the mean "
+              f"action); dims 0-1 {results[name + '_move']:.5f}, gripper {results[name + '_gripper']:.5f}")
+    vae = load_vae(planner.cfg.vae)
+    pcfg = dataclasses.replace(planner.cfg, data=cfg.data)
+    _, batch = libero_datasets(pcfg, vae)
+    table = validate_libero(planner, vae, batch, k=cfg.eval_k, steps=cfg.plan_steps, seed=cfg.seed)
+    print(f"planner, LIBERO protocol ({len(batch['gt'])} windows of {pcfg.window} frames, {pcfg.eval_tracks} "
+          f"non-static tracks per view, K = {cfg.eval_k}, Min-MSE at 128 px):")
+    for view in LIBERO_VIEWS:
+        print(f"  {view:>12}: planner {table[f'{view}_min']:.2f}, frames dropped {table[f'{view}_no_frame']:.2f}, "
+              f"static {table[f'{view}_static']:.2f}, VAE floor {table[f'{view}_floor']:.2f}")
+    out = dict(actions=results, action_windows=len(windows["actions"]), planner_libero=table,
+               planner_windows=len(batch["gt"]), k=cfg.eval_k, planner=cfg.planner, policy=cfg.out_dir,
+               compare=cfg.compare)
+    if cfg.eval_json:
+        os.makedirs(os.path.dirname(cfg.eval_json) or ".", exist_ok=True)
+        with open(cfg.eval_json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+def dry_run(cfg):
+    """Parameter counts of the head alone and with the planner it reads from (the checkpoint's config if it
+    exists, else planner.py's LIBERO preset of the same scale), built on the meta device: nothing allocated."""
+    if os.path.isfile(cfg.planner):
+        pcfg = config_from_dict(PlannerConfig, load_checkpoint(cfg.planner, kind="planner")["config"], cfg.planner)
+        source = cfg.planner
+    else:
+        preset = "libero" if cfg.preset == "paper" else "libero_tiny"
+        pcfg = dataclasses.replace(PlannerConfig(), preset=preset, **PLANNER_PRESETS[preset])
+        source = f"planner.py --preset {preset} ({cfg.planner} does not exist)"
+    with torch.device("meta"):
+        planner = MotionPlanner(dataclasses.replace(pcfg, image_encoder="random"), pretrained=False)
+        cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
+                                  latent_channels=pcfg.latent_channels)
+        head = PolicyHead(cfg)
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    n_head = sum(p.numel() for p in head.parameters())
+    n_planner = sum(p.numel() for p in planner.parameters())
+    print(f"total parameters: {n_head} (the policy head: {cfg.layers} layers of width {cfg.dim})")
+    print(f"total parameters: {n_head + n_planner} (head + planner: {source}, {n_planner / 1e6:.2f}M)")
+
+
+def main(argv=None):
+    cfg = parse_config(PolicyConfig, PRESETS, argv)
+    torch.manual_seed(cfg.seed)
+    if cfg.dry_run:
+        return dry_run(cfg)
+    planner = frozen_planner(cfg.planner)
+    cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
+                              latent_channels=planner.cfg.latent_channels)
+    if cfg.evaluate:
+        return evaluate(cfg, planner)
+    import data
+    if not os.path.isdir(cfg.data):
+        raise SystemExit(f"--data {cfg.data}: no such folder of LIBERO demos; make synthetic ones with: "
+                         f"python data.py robot --out {cfg.data} --n 40 --seed 0")
+    base = data.LiberoDataset(cfg.data, "train", n_frames=planner.cfg.n_frames, window=planner.cfg.window,
+                              n_tracks=1, image_size=planner.cfg.image_size, action_chunk=cfg.action_chunk,
+                              seed=cfg.seed)
+    train_set = PlannedWindows(base, cfg.latent_pool, cfg.shuffle_latents, cfg.seed)
+    head = PolicyHead(cfg)
+    head.latent_shift.copy_(planner.latent_shift)
+    head.latent_scale.copy_(planner.latent_scale)
+    mean, std = measure_action_stats(base, cfg.norm_samples)
+    head.action_mean.copy_(mean)
+    head.action_std.copy_(std)
+    windows = eval_windows(cfg, planner)
+
+    def validate(raw_model, step):
+        out = action_mse({"policy": raw_model}, planner, windows, cfg)
+        return dict(out, ratio=out["mean_action"] / out["policy"])
+    train(cfg, head, train_set, make_policy_loss(head, planner, cfg), "policy", validate)
+
+
+if __name__ == "__main__":
+    main()
