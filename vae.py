@@ -769,9 +769,10 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, max_nonfi
             log(f"resumed from {cfg.out_dir} at step {step}")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-        def wrap():
-            image_trainable = not cfg.freeze_image_encoder or 0 <= cfg.unfreeze_image_encoder_at <= step
+        def wrap():  # (a model without an image encoder, like the policy head, needs no freeze fields)
+            image_trainable = True
             if hasattr(model, "image_encoder"):
+                image_trainable = not cfg.freeze_image_encoder or 0 <= cfg.unfreeze_image_encoder_at <= step
                 set_trainable(model.image_encoder, image_trainable)
             net = torch.compile(model) if cfg.compile else model
             if world > 1:
