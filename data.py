@@ -1035,8 +1035,10 @@ def robot_episode(seed, frames=(64, 96)):
     blocks [T, 2, 2] (target, other), actions float32 [T, 7], text, textures. Action t takes frame t to t + 1:
     dims 0-1 the gripper's velocity / ROBOT_SPEED (x right, y down), dims 2-5 small noise (a real arm's z and
     rotation), dim 6 the gripper command (-1 open, +1 close, as in LIBERO): the fingers move a quarter of
-    their stroke per frame. Script: approach (push: behind the block, closing; carry: over it, open), grip,
-    move the block 20-36 px as instructed, release, back off 12 px, hover; at one speed that fills the episode."""
+    their stroke per frame. Script, open until the grip: approach (push: behind the block; carry: over it),
+    grip (4 frames), move the block 20-36 px as instructed, release (3 frames), back off 12 px against the move,
+    hover; at one speed that fills the episode. As on a real arm, the command shows in the motion: it is +1
+    exactly while the fingers close on the block or the block rides with the gripper, -1 otherwise."""
     rng = np.random.default_rng(seed)
     T = int(rng.integers(frames[0], frames[1] + 1))
     verb, move = str(rng.choice(("push", "carry"))), str(rng.choice(list(ROBOT_MOVES)))
@@ -1068,9 +1070,8 @@ def robot_episode(seed, frames=(64, 96)):
         elif phase == "move" and np.linalg.norm(goal - g) < 0.5:
             phase, wait = "release", 3
         elif phase == "release" and wait == 0:
-            away = -d if verb == "push" else _random_vector(rng, 1.0)
-            phase, goal = "back off", np.clip(g + 12 * away, 16, ROBOT_SIZE - 17)
-        aim, grip = {"approach": (hold, 1.0 if verb == "push" else -1.0), "grip": (hold, 1.0), "move": (goal, 1.0),
+            phase, goal = "back off", np.clip(g - 12 * d, 16, ROBOT_SIZE - 17)
+        aim, grip = {"approach": (hold, -1.0), "grip": (hold, 1.0), "move": (goal, 1.0),
                      "release": (g, -1.0), "back off": (goal, -1.0)}[phase]
         wait -= 1
         velocity = (aim - g) * min(1.0, speed / max(np.linalg.norm(aim - g), 1e-9))
