@@ -70,8 +70,6 @@ class PolicyConfig:
     batch_ramp_steps: int = 1
     micro_batch: int = 64
     grad_clip: float = 1.0
-    freeze_image_encoder: bool = True  # (read by vae.train; the head has no image encoder)
-    unfreeze_image_encoder_at: int = -1
     # run
     seed: int = 0
     out_dir: str = "out/paper/policy"
