@@ -882,8 +882,9 @@ class LiberoDataset(torch.utils.data.Dataset):
 
     view=None: both views, V = LIBERO_VIEWS: image float32 [V, 3, S, S] (ImageNet-normalised), frame uint8
     [V, S, S, 3], tracks float32 [V, N, n_frames, 2] unit coordinates, visible bool [V, N, n_frames], task_emb
-    float32 [D], timestep and episode_len int64 (the window's start frame, the demo's frames), actions float32
-    [action_chunk, 7] from the window start (the last repeated past the end), text, index.
+    float32 [D], demo (the demo's number in this dataset), timestep and episode_len int64 (the window's start
+    frame, the demo's frames), actions float32 [action_chunk, 7] from the window start (the last repeated
+    past the end), text, index.
     view="agentview" / "eye_in_hand" / "both" (a random view per item): TrackDataset's item, image [3, S, S],
     frame, tracks [N, n_frames, 2], visible, size [2] = (H, W), text, index, with N = n_enc + n_dec if given."""
 
@@ -956,7 +957,7 @@ class LiberoDataset(torch.utils.data.Dataset):
             batch = {key: torch.stack([p[key] for p in parts]) for key in ("image", "frame", "tracks", "visible")}
             return dict(batch, task_emb=torch.from_numpy(demo["task_emb"]), timestep=torch.tensor(start),
                         episode_len=torch.tensor(T), actions=torch.from_numpy(demo["actions"][chunk]),
-                        text=demo["text"], index=index)
+                        demo=k, text=demo["text"], index=index)
         raise ValueError(f"{self.source}: no usable window in 8 tries for item {index}")
 
     def _view_window(self, name, data, start, rng):

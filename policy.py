@@ -250,10 +250,8 @@ def load_policy(path, device="cpu", averaging="none", decay=0.1, seed=0):
 
 
 def episode_of(item):
-    """A key that differs between windows of different demos: data.LiberoDataset items name no demo, but two
-    windows whose task or episode length differ come from different demos (two demos of one task and one length
-    share a key, so the control never takes a plan from the same demo, only sometimes skips another one)."""
-    return item.get("demo"), item["text"], int(item["episode_len"])
+    """Which demo a window comes from (data.LiberoDataset's demo number): the control takes plans of other demos."""
+    return int(item["demo"])
 
 
 class PlannedWindows(torch.utils.data.Dataset):

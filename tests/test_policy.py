@@ -138,7 +138,7 @@ class FakeWindows(torch.utils.data.Dataset):
         e = i % 6
         emb = self.tasks[e]
         return dict(image=torch.zeros(2, 3, 16, 16), task_emb=emb, timestep=torch.tensor(i // 6),
-                    actions=(emb @ self.mix).expand(4, 7).clone(), text=f"task {e}", episode_len=torch.tensor(50 + e),
+                    actions=(emb @ self.mix).expand(4, 7).clone(), demo=e, text=f"task {e}", episode_len=torch.tensor(50 + e),
                     index=i)
 
 
