@@ -646,6 +646,8 @@ def save_checkpoint(path, state):
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(path):
+        if os.path.lexists(path + ".prev.tmp"):  # left by a kill between the link and its rename
+            os.remove(path + ".prev.tmp")
         try:
             os.link(path, path + ".prev.tmp")
         except OSError:

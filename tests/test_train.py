@@ -106,8 +106,11 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_corrupt
     vae.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "vae", "step": 2})
     vae.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "vae", "step": 4})
     assert vae.latest_checkpoint(str(tmp_path), "vae")["step"] == 4
+    os.link(tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.prev.tmp")   # as a kill between the link and its rename leaves it
+    vae.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "vae", "step": 6})
+    assert [load(tmp_path / f)["step"] for f in ("ckpt.pt", "ckpt.pt.prev")] == [6, 4]
     (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
-    assert vae.latest_checkpoint(str(tmp_path), "vae")["step"] == 2
+    assert vae.latest_checkpoint(str(tmp_path), "vae")["step"] == 4
     assert vae.latest_checkpoint(str(tmp_path), "planner") is None   # another stage's checkpoints do not count
     assert all(torch.is_tensor(v) or isinstance(v, (int, float, str, bool, list, dict, type(None)))
                for v in straight.values())
