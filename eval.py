@@ -462,7 +462,7 @@ def cmd_tracks(args):
     sampling steps, beside the static and straight-to-the-poke baselines on the same tracks and pokes."""
     from tqdm import tqdm
     from data import is_static, prepare_image, sample_pokes, select_eval_tracks
-    from planner import check_planner_matches_vae, load_planner
+    from planner import PokeGuide, check_planner_matches_vae, load_planner
     from vae import load_vae
     device = pick_device(args.device)
     vae = load_stage(load_vae, args.vae, "--vae", device)
@@ -474,6 +474,8 @@ def cmd_tracks(args):
     n_tracks = args.tracks or protocol["n_tracks"]
     if T < 2:
         raise ValueError(f"--window: a window needs at least 2 frames, got {T}")
+    if args.poke_guidance < 0:
+        raise ValueError(f"--poke-guidance {args.poke_guidance:g}: expected a strength >= 0 (0 = off)")
     settings = args.pokes if args.pokes is not None else ([0] if args.text else parse_pokes("1,2,4,8,16,dense"))
     counts = [n_tracks if s == "dense" else s for s in settings]
     if max(counts) > n_tracks:
@@ -530,9 +532,12 @@ def cmd_tracks(args):
                 text = [items[i]["text"] for i in chunk for _ in range(K)] if args.text else None
                 # the same noise for every setting and step count: differences come from the task alone
                 generator = torch.Generator().manual_seed(args.seed * 1_000_003 + b)
+                guide = None
+                if args.poke_guidance > 0 and n > 0:
+                    guide = PokeGuide(planner, vae, rep(image), pokes, strength=args.poke_guidance)
                 with autocast(device):
                     z = planner.sample(rep(image), pokes=pokes, text=text, steps=steps, cfg=args.guidance,
-                                       generator=generator)
+                                       generator=generator, guide=guide)
                     tokens = rep(vae.image_tokens(image))
                     pred = vae.decode(z, rep(image), rep(gt[chunk, :, 0].to(device)), T_model, image_tokens=tokens)
                 preds.append(to_window(pred.float().cpu().reshape(len(chunk), K, n_tracks, T_model, 2), T))
@@ -543,11 +548,13 @@ def cmd_tracks(args):
 
     out = dict(command="tracks", vae=args.vae, planner=args.planner, data=args.data, protocol=args.protocol,
                clips=len(items), skipped=skipped, seed=args.seed, k=K, window=T, model_frames=T_model,
-               n_tracks=n_tracks, res=128, text=bool(args.text), guidance=args.guidance, rows=rows)
+               n_tracks=n_tracks, res=128, text=bool(args.text), guidance=args.guidance,
+               poke_guidance=args.poke_guidance, rows=rows)
     print(f"tracks ({args.protocol} protocol): {len(items)} windows of {T} frames from {args.data} ({skipped} "
           f"skipped), {n_tracks} non-static tracks each, K = {K}, MSE/EPE at 128 px"
           + (f"; the model's {T_model} frames subsampled to {T}" if T != T_model else "")
-          + ("; text-conditioned" if args.text else ""))
+          + ("; text-conditioned" if args.text else "")
+          + (f"; poke guidance {args.poke_guidance:g} (not the paper's sampler)" if args.poke_guidance > 0 else ""))
     keys = ["min", "mean", "single", "meanT", "epe", "diversity"]
     header = ["method", "steps", "pokes", "Min-MSE", "Mean-MSE", "Single-MSE", "MeanT-MSE", "EPE", "diversity"]
     print(format_table(header, [[r["method"], r["steps"], r["pokes"]] + [r[k] for k in keys] for r in rows]))
@@ -1014,6 +1021,9 @@ def main(argv=None):
     p.add_argument("--text", action="store_true", help="condition on each clip's text")
     p.add_argument("--steps", type=parse_steps, default=[10], help="sampling steps, e.g. 1,2,5,10,20,50 (Fig. K)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--poke-guidance", type=float, default=0.0,
+                   help="strength of planner.PokeGuide, our sampling-time addition (0 = the paper's sampler; "
+                   "sample.py uses 0.5)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="open",
                    help="open: the model's frames, 40 tracks; libero: 16-frame windows, 32 tracks (Table E)")
     p.add_argument("--window", type=positive_int, help="frames per evaluation window (overrides the protocol)")

@@ -58,6 +58,44 @@ def test_euler_sampler_converges_to_an_analytic_ode_solution_at_first_order():
     assert 8 < errors[0] / errors[1] < 12 and 8 < errors[1] / errors[2] < 12  # first order: error ~ 1 / steps
 
 
+def test_the_guide_hook_rewrites_the_euler_step_without_changing_it():
+    # x_next = (1 - t_next) x0_hat + t_next eps_hat is the Euler step, so an identity guide changes nothing; the last
+    # step has t_next = 0, so the sample is the guide's last output.
+    noise = torch.randn(2, 6, 3, dtype=torch.float64)
+    field = lambda x, t: torch.sin(x) * t.view(-1, 1, 1) + x
+    for steps in (1, 4, 10):
+        assert torch.allclose(euler_sample(field, noise, steps, guide=lambda x0: x0), euler_sample(field, noise, steps),
+                              atol=1e-12)
+        target = torch.full_like(noise, 0.25)
+        assert torch.allclose(euler_sample(field, noise, steps, guide=lambda x0: target), target, atol=1e-12)
+
+
+def test_poke_guide_brings_poked_points_to_goals_the_vae_can_reach(micro_planner):
+    # Goals made by decoding other latents are reachable; the planner alone (random here) misses them, the guide
+    # must find them, with each poke at its own goal frame. The guide's error is the formula's.
+    from test_vae import micro_config as micro_vae_config
+    torch.manual_seed(1)
+    track_vae = vae.TrackVAE(micro_vae_config(), pretrained=False).eval()
+    C, T = track_vae.cfg.latent_channels, track_vae.cfg.n_frames
+    image = torch.randn(2, 3, 28, 28)
+    starts = torch.tensor([[-0.5, -0.2], [0.4, 0.5], [0.1, -0.7]]).expand(2, -1, -1)
+    t = torch.tensor([1.0, 0.5, 0.25]).expand(2, -1)
+    with torch.no_grad():
+        reachable = track_vae.decode(2 * torch.randn(2, 16, C), image, starts)
+    goals = reachable[:, torch.arange(3), (t[0] * (T - 1)).round().long()]
+    pokes = torch.cat([starts, goals, t[..., None]], dim=-1)
+    check = planner.PokeGuide(micro_planner, track_vae, image, pokes)
+    errors = {}
+    for strength in (0, 0.5):
+        guide = planner.PokeGuide(micro_planner, track_vae, image, pokes, strength=strength) if strength else None
+        z = micro_planner.sample(image, pokes=pokes, steps=4, generator=torch.Generator().manual_seed(0), guide=guide)
+        with torch.no_grad():
+            errors[strength] = check.poke_error(micro_planner.normalise(z))
+            ends = track_vae.decode(z, image, starts)[:, torch.arange(3), (t[0] * (T - 1)).round().long()]
+        assert torch.allclose(errors[strength], (ends - goals).pow(2).sum(-1).sum(-1), rtol=1e-4)
+    assert (errors[0] > 1e-3).all() and (errors[0.5] < 0.05 * errors[0]).all()
+
+
 def test_flow_matching_loss_matches_its_formula():
     x0 = torch.tensor([[[1.0, -2.0]], [[0.5, 0.0]]])
     noise = torch.tensor([[[0.0, 1.0]], [[-1.0, 3.0]]])

@@ -152,6 +152,27 @@ def test_poke_run_writes_the_documented_files(files, tmp_path):
     assert iio.imread(out / "dense.png").shape == (K * 40 + (K - 1) * 4, 3 * 60 + 2 * 4, 3)
 
 
+def test_poke_guidance_is_on_by_default_and_zero_is_the_papers_sampler(files, tmp_path):
+    # Goals the micro VAE can reach (decoded from other latents, in pixels of the clip): the default run
+    # (planner.PokeGuide, our addition) must land on them, --poke-guidance 0 (the paper's sampler) does not.
+    from data import load_clip, pixels_to_unit, prepare_image
+    model = vae.load_vae(str(files / "vae.pt"))
+    frame = load_clip(str(files / "clip.npz"))["video"][0]
+    H, W = frame.shape[:2]
+    starts = np.array([[10.0, 20.0], [60.0, 40.0]], np.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        image = prepare_image(frame, model.cfg.image_size)[1][None]
+        unit = torch.as_tensor(pixels_to_unit(starts, W, H))[None]
+        ends = model.decode(6 * torch.randn(1, 16, model.cfg.latent_channels), image, unit)[0, :, -1]
+    goals = unit_to_pixels(ends.numpy(), W, H)
+    pokes = [f"--poke={x0},{y0},{x1:.3f},{y1:.3f}" for (x0, y0), (x1, y1) in zip(starts, goals)]
+    plain = run(files, tmp_path / "plain", f"--clip={files / 'clip.npz'}", "--grid=2", "--poke-guidance=0", *pokes)
+    guided = run(files, tmp_path / "guided", f"--clip={files / 'clip.npz'}", "--grid=2", *pokes)
+    assert plain["poke_epe_px"] > 0.5 and guided["poke_epe_px"] < 0.2 * plain["poke_epe_px"]
+    assert guided["poke_guidance"] == sample.build_parser().get_default("poke_guidance") > 0
+
+
 def test_densification_turns_the_clips_tracks_into_pokes(files, tmp_path):
     out = tmp_path / "out"
     run(files, out, f"--from-tracks={files / 'clip.npz'}", "--n-pokes=3", "--grid=0", "--dense-size=4")
