@@ -504,6 +504,8 @@ def cmd_tracks(args):
         """pred [clips, K, N, T, 2] -> one row's numbers."""
         row = trajectory_mse(pred, gt)
         row["epe"] = endpoint_error(pred, gt, n_poked=n) if n > 0 else None
+        # the tracks nobody poked: does poking some points move the rest right? (Min-MSE over tracks n..N-1)
+        row["min_unpoked"] = trajectory_mse(pred[..., n:, :, :], gt[:, n:])["min"] if n < gt.shape[1] else None
         row["diversity"] = diversity(pred)
         return row
 
@@ -555,8 +557,9 @@ def cmd_tracks(args):
           + (f"; the model's {T_model} frames subsampled to {T}" if T != T_model else "")
           + ("; text-conditioned" if args.text else "")
           + (f"; poke guidance {args.poke_guidance:g} (not the paper's sampler)" if args.poke_guidance > 0 else ""))
-    keys = ["min", "mean", "single", "meanT", "epe", "diversity"]
-    header = ["method", "steps", "pokes", "Min-MSE", "Mean-MSE", "Single-MSE", "MeanT-MSE", "EPE", "diversity"]
+    keys = ["min", "mean", "single", "meanT", "epe", "min_unpoked", "diversity"]
+    header = ["method", "steps", "pokes", "Min-MSE", "Mean-MSE", "Single-MSE", "MeanT-MSE", "EPE", "unpoked Min-MSE",
+              "diversity"]
     print(format_table(header, [[r["method"], r["steps"], r["pokes"]] + [r[k] for k in keys] for r in rows]))
     write_json(args.json, out)
     return out

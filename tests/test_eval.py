@@ -427,7 +427,7 @@ def test_tracks_protocol_rows_and_baselines(checkpoints, tmp_path):
     assert (out["clips"], out["k"], out["window"], out["model_frames"], out["n_tracks"]) == (2, 3, 16, 16, 40)
     rows = {(r["method"], r["steps"], r["pokes"]): r for r in out["rows"]}
     assert len(rows) == len(out["rows"]) == 3 * 2 + 2 * 3
-    keys = {"method", "steps", "pokes", "n_pokes", "min", "mean", "single", "meanT", "epe", "diversity"}
+    keys = {"method", "steps", "pokes", "n_pokes", "min", "mean", "single", "meanT", "epe", "min_unpoked", "diversity"}
     assert all(set(r) == keys for r in out["rows"])
     assert rows[("planner", 2, "dense")]["n_pokes"] == 40
     for (method, steps, pokes), r in rows.items():
@@ -442,6 +442,14 @@ def test_tracks_protocol_rows_and_baselines(checkpoints, tmp_path):
     assert rows[("straight_to_poke", None, "dense")]["min"] < rows[("static", None, "dense")]["min"]
     # the static baseline's MSE is over all 40 tracks, whatever the pokes
     assert rows[("static", None, "1")]["min"] == rows[("static", None, "dense")]["min"]
+    # unpoked Min-MSE: the straight-to-poke baseline leaves the unpoked tracks standing, as static does; none if
+    # every track is poked
+    for pokes in ("1", "2"):
+        assert rows[("straight_to_poke", None, pokes)]["min_unpoked"] == rows[("static", None, pokes)]["min_unpoked"]
+    assert rows[("static", None, "2")]["min_unpoked"] != rows[("static", None, "1")]["min_unpoked"]
+    assert rows[("planner", 1, "dense")]["min_unpoked"] is None and out["poke_guidance"] == 0
+    with pytest.raises(SystemExit, match="--poke-guidance -1: expected a strength >= 0"):
+        main(["tracks", "--vae", vae_ckpt, "--planner", planner_ckpt, "--clips", "1", "--poke-guidance", "-1"])
 
 
 def test_tracks_libero_protocol_text_and_subsampled_window(checkpoints):
