@@ -156,6 +156,13 @@ for name in ("tracks.json", "tracks_text.json"):
             epe = f"{r['epe']:.1f}" if pokes != "0" else "-"
             straight = f"{straight['min']:.1f}" if straight else "-"
             print(f"  {label:<12}{r['min']:9.1f}{epe:>7}{straight:>18}{rows[('static', pokes)]['min']:9.1f}")
+print("  (the paper's sampler; sample.py adds poke guidance by default, README \"Sampling\")")
+import numpy as np
+with np.load(os.path.join(out, "samples", "samples.npz")) as npz:
+    s = json.loads(str(npz["settings"]))
+print(f"\nsample.py ({s['n_pokes']} pokes, K = {s['k']}, poke guidance {s['poke_guidance']}): poked points end "
+      f"{s['poke_epe_px']:.1f} px from their goals in the {s['width']}x{s['height']} frame; the clip's other tracks "
+      f"{s['held_out_epe_px']:.1f} px from their true ends (standing still: {s['held_out_static_px']:.1f})")
 EOF
 }
 
