@@ -181,7 +181,8 @@ class PokeGuide:
 
     def __init__(self, planner, vae, image, pokes, poke_mask=None, strength=0.5, iters=5, max_rms=1.0):
         self.planner, self.vae, self.strength, self.iters, self.max_rms = planner, vae, strength, iters, max_rms
-        self.image, self.tokens = image, vae.image_tokens(image)
+        with torch.no_grad():
+            self.image, self.tokens = image, vae.image_tokens(image)
         self.starts, self.goals = pokes[..., :2], pokes[..., 2:4]
         self.frames = (pokes[..., 4] * (vae.cfg.n_frames - 1)).round().long()          # [B, P] goal frame
         self.weight = torch.ones_like(pokes[..., 0]) if poke_mask is None else poke_mask.to(pokes.dtype)
