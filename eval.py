@@ -534,13 +534,14 @@ def cmd_tracks(args):
                 text = [items[i]["text"] for i in chunk for _ in range(K)] if args.text else None
                 # the same noise for every setting and step count: differences come from the task alone
                 generator = torch.Generator().manual_seed(args.seed * 1_000_003 + b)
-                guide = None
-                if args.poke_guidance > 0 and n > 0:
-                    guide = PokeGuide(planner, vae, rep(image), pokes, strength=args.poke_guidance)
                 with autocast(device):
+                    tokens = rep(vae.image_tokens(image))   # (the K samples of a clip share its image tokens)
+                    guide = None
+                    if args.poke_guidance > 0 and n > 0:
+                        guide = PokeGuide(planner, vae, rep(image), pokes, strength=args.poke_guidance,
+                                          image_tokens=tokens)
                     z = planner.sample(rep(image), pokes=pokes, text=text, steps=steps, cfg=args.guidance,
                                        generator=generator, guide=guide)
-                    tokens = rep(vae.image_tokens(image))
                     pred = vae.decode(z, rep(image), rep(gt[chunk, :, 0].to(device)), T_model, image_tokens=tokens)
                 preds.append(to_window(pred.float().cpu().reshape(len(chunk), K, n_tracks, T_model, 2), T))
                 bar.update(len(chunk))

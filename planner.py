@@ -177,12 +177,14 @@ class PokeGuide:
     all of E to first order, whatever the scale of the decoder's gradients; a step is capped at an RMS of max_rms
     (normalised latents have an RMS near 0.7). The planner re-predicts from the corrected plan at the next step, so
     the rest of the motion stays its own. pokes [B, P, 5] unit (x0, y0, x1, y1, t) per sample; poke_mask [B, P]
-    (True = real); image [B, 3, S, S]."""
+    (True = real); image [B, 3, S, S]; image_tokens: vae.image_tokens(image), if the caller already has them."""
 
-    def __init__(self, planner, vae, image, pokes, poke_mask=None, strength=0.5, iters=5, max_rms=1.0):
+    def __init__(self, planner, vae, image, pokes, poke_mask=None, strength=0.5, iters=5, max_rms=1.0,
+                 image_tokens=None):
         self.planner, self.vae, self.strength, self.iters, self.max_rms = planner, vae, strength, iters, max_rms
         with torch.no_grad():
-            self.image, self.tokens = image, vae.image_tokens(image)
+            self.image = image
+            self.tokens = vae.image_tokens(image) if image_tokens is None else image_tokens.detach()
         self.starts, self.goals = pokes[..., :2], pokes[..., 2:4]
         self.frames = (pokes[..., 4] * (vae.cfg.n_frames - 1)).round().long()          # [B, P] goal frame
         self.weight = torch.ones_like(pokes[..., 0]) if poke_mask is None else poke_mask.to(pokes.dtype)

@@ -186,7 +186,8 @@ def sample_latents(planner, image, pokes=None, text=None, k=4, steps=10, guidanc
     pokes = None if pokes is None or len(pokes) == 0 else torch.as_tensor(pokes)[None].to(device).repeat(k, 1, 1)
     guide = None
     if poke_guidance > 0 and pokes is not None:
-        guide = PokeGuide(planner, vae, images, pokes.float(), strength=poke_guidance)
+        tokens = vae.image_tokens(images[:1]).expand(k, -1, -1)   # one image: its tokens once, not K times
+        guide = PokeGuide(planner, vae, images, pokes, strength=poke_guidance, image_tokens=tokens)
     with autocast(device):
         z = planner.sample(images, pokes=pokes, text=[text] * k if text else None, steps=steps, cfg=guidance,
                            generator=torch.Generator().manual_seed(seed), guide=guide)
