@@ -6,10 +6,12 @@ latents that the frozen LIBERO planner generates (10 Euler steps, its EMA weight
 or the timestep, so whatever it knows about what to do next went through the plan. Blocks and the training loop
 come from vae.py, the planner from planner.py.
 
-    python data.py robot --out data/robot --n 40 --seed 0           # synthetic robot demos in ATM's LIBERO layout
+    python data.py robot --out data/robot --n 640 --seed 0          # synthetic robot demos in ATM's LIBERO layout
+    python vae.py --preset tiny_robot                                # the VAE on the robot tracks -> out/tiny/vae-robot/
     python planner.py --preset libero_tiny                           # the LIBERO planner -> out/tiny/planner-libero/
-    python policy.py                                                 # tiny head -> out/tiny/policy/ckpt.pt
-    python policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled     # control: other episodes' latents
+    python policy.py                                                 # tiny head -> out/tiny/policy/ckpt.pt (+ plans.pt)
+    python policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled --plans out/tiny/policy/plans.pt
+                                                                     # control: other episodes' latents (same plans)
     python policy.py --evaluate --compare out/tiny/policy-shuffled/ckpt.pt    # held-out action MSE + Table E
     python policy.py --preset paper --dry-run                        # parameters: the head, and with its planner
     torchrun --nproc_per_node=2 policy.py --micro_batch=16
@@ -56,6 +58,9 @@ class PolicyConfig:
     latent_pool: int = 0               # > 0: cycle through this many training windows and cache their plans (a plan's
                                        # noise is keyed by the window, so a cached plan is the same plan); 0: plan
                                        # every sample afresh (the paper's way)
+    plans: str = ""                    # with latent_pool: a plan file to start from, e.g. the head's out_dir/plans.pt for
+                                       # its shuffled control (the same windows and noise: the same plans); every pooled
+                                       # run writes its plans to out_dir/plans.pt
     norm_samples: int = 512            # training windows for the action mean / std (the head outputs standardised)
     # optimisation (not given in the supplement; Table F's optimiser)
     max_steps: int = 100_000
@@ -92,13 +97,13 @@ class PolicyConfig:
 
 PRESETS = {
     "paper": {},
-    # 2 CPU cores in a few minutes: a narrow 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents; 512
-    # training windows planned once (a quarter of a second each) and cycled through.
+    # 2 CPU cores in about 15 minutes: a narrow 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents; 4096
+    # training windows planned once (a sixth of a second each) and cycled through; every 8th held-out window start.
     "tiny": dict(
         planner="out/tiny/planner-libero/ckpt.pt", data="data/robot", latent_tokens=128, latent_channels=8, dim=128,
-        layers=2, head_dim=32, latent_pool=512, norm_samples=256, max_steps=250, lr=1e-3, warmup_steps=25,
-        decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=25, val_every=250,
-        ckpt_every=250, num_workers=1, out_dir="out/tiny/policy", eval_json="out/tiny/eval/policy.json"),
+        layers=2, head_dim=32, latent_pool=4096, norm_samples=512, max_steps=2000, lr=1e-3, warmup_steps=100,
+        decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=2000,
+        ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy", eval_json="out/tiny/eval/policy.json"),
 }
 
 
@@ -226,7 +231,8 @@ def frozen_planner(path, device="cpu"):
     """The planner a head reads from: its EMA weights, frozen; a message naming the commands when missing."""
     if not os.path.isfile(path):
         raise SystemExit(f"--planner {path}: no such checkpoint. Make the data and a LIBERO planner first:\n"
-                         "  python data.py robot --out data/robot --n 40 --seed 0\n"
+                         "  python data.py robot --out data/robot --n 640 --seed 0\n"
+                         "  python vae.py --preset tiny_robot             (the paper's: its general VAE)\n"
                          "  python planner.py --preset libero_tiny        (or --preset libero for the paper's)")
     planner = load_planner(path, device)
     if planner.cfg.task != "libero":
@@ -305,10 +311,40 @@ def plan(planner, batch, cfg, cache=None, seed_tag=0):
     return torch.stack([cache[k] for k in keys])
 
 
-def make_policy_loss(head, planner, cfg):
+def plan_file_key(planner, cfg):
+    """What a pooled plan depends on: the planner's weights, the windows (data, seed, pool) and the sampler's steps."""
+    weights = sum(float(p.double().sum()) for p in planner.state_dict().values() if p.is_floating_point())
+    return dict(planner_weights=weights, data=os.path.abspath(cfg.data), seed=cfg.seed, latent_pool=cfg.latent_pool,
+                plan_steps=cfg.plan_steps)
+
+
+def load_plans(path, key):
+    """{plan_index: latents} from a plan file (save_plans); a ValueError naming the field it was made for otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--plans {path}: no such file (a pooled policy run writes out_dir/plans.pt)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        made_for, plans = saved["key"], saved["plans"]
+    except Exception as e:
+        raise ValueError(f"--plans {path}: not a plan file written by policy.py ({e})") from None
+    for field, value in key.items():
+        if made_for.get(field) != value:
+            raise ValueError(f"--plans {path}: made with {field} = {made_for.get(field)!r}, this run has {value!r}")
+    return {int(k): z for k, z in zip(plans["index"], plans["latents"])}
+
+
+def save_plans(path, cache, key):
+    from data import write_atomically
+    index = sorted(cache)
+    state = dict(key=key, plans=dict(index=torch.tensor(index), latents=torch.stack([cache[k] for k in index]).cpu()))
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def make_policy_loss(head, planner, cfg, cache=None):
     """loss_fn for vae.train: plan (frozen planner, no gradient), then the L2 loss on the actions (BC, Sec. A).
-    head: the raw model, for its action statistics (net may be its DDP wrapper)."""
-    cache = {} if cfg.latent_pool else None
+    head: the raw model, for its action statistics (net may be its DDP wrapper). cache: with a pool, the dict of
+    plans made so far (by plan_index), filled as training meets new windows."""
+    cache = (cache if cache is not None else {}) if cfg.latent_pool else None
 
     def policy_loss(net, batch):
         with torch.no_grad():
@@ -457,7 +493,13 @@ def main(argv=None):
     def validate(raw_model, step):
         out = action_mse({"policy": raw_model}, planner, windows, cfg)
         return dict(out, ratio=out["mean_action"] / out["policy"])
-    train(cfg, head, train_set, make_policy_loss(head, planner, cfg), "policy", validate)
+    cache, key = {}, plan_file_key(planner, cfg)
+    if cfg.plans and cfg.latent_pool:
+        cache = load_plans(cfg.plans, key)
+        print(f"{cfg.plans}: {len(cache)} plans of the {cfg.latent_pool} pooled windows")
+    train(cfg, head, train_set, make_policy_loss(head, planner, cfg, cache), "policy", validate)
+    if cfg.latent_pool and cache and int(os.environ.get("RANK", 0)) == 0:
+        save_plans(os.path.join(cfg.out_dir, "plans.pt"), cache, key)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #   bash train_ddp.sh                      # the tiny pipeline: VAE, planner, samples, evaluation -> out/tiny/
 #   bash train_ddp.sh vae [args...]        # one stage through torchrun; args go to the stage's script
 #   bash train_ddp.sh planner [args...]
+#   bash train_ddp.sh vae-robot [args...]        # tiny LIBERO path: the VAE on the robot task's tracks (planner.py, "Which VAE")
 #   bash train_ddp.sh planner-libero [args...]   # LIBERO (Sec. A): needs robot demos, python data.py robot --out data/robot
 #   bash train_ddp.sh policy [args...]           # the action head on the LIBERO planner's latents
 #
@@ -99,15 +100,21 @@ stage() {  # stage vae|planner|policy [args...]: torchrun the stage's script on 
         planner)
             need "$OUT/vae/ckpt.pt" "bash train_ddp.sh vae"
             inputs=(--vae="$OUT/vae/ckpt.pt") ;;
-        planner-libero)  # Sec. A: the LIBERO planner, in the same VAE's latent space
-            need "$OUT/vae/ckpt.pt" "bash train_ddp.sh vae"
+        vae-robot)  # the tiny VAE trained on the robot task's tracks; at paper scale the one general VAE serves LIBERO
+            [[ $PRESET == tiny ]] || { echo "train_ddp.sh: vae-robot is the tiny preset's; PRESET=$PRESET plans" \
+                                            "LIBERO in its general VAE ($OUT/vae)" >&2; exit 2; }
+            script=vae.py preset=tiny_robot ;;
+        planner-libero)  # Sec. A: the LIBERO planner (tiny: in the robot VAE's latent space; paper: the general VAE's)
+            local vae=$OUT/vae/ckpt.pt make="bash train_ddp.sh vae"
+            [[ $PRESET != tiny ]] || { vae=$OUT/vae-robot/ckpt.pt; make="bash train_ddp.sh vae-robot"; }
+            need "$vae" "$make"
             script=planner.py
             case $PRESET in paper) preset=libero ;; tiny) preset=libero_tiny ;; esac
-            inputs=(--vae="$OUT/vae/ckpt.pt") ;;
+            inputs=(--vae="$vae") ;;
         policy)
             need "$OUT/planner-libero/ckpt.pt" "bash train_ddp.sh planner-libero"
             inputs=(--planner="$OUT/planner-libero/ckpt.pt") ;;
-        *) echo "train_ddp.sh: unknown stage '$name' (vae, planner, planner-libero, policy; none = the pipeline)" >&2
+        *) echo "train_ddp.sh: unknown stage '$name' (vae, planner, vae-robot, planner-libero, policy; none = the pipeline)" >&2
            exit 2 ;;
     esac
     [[ -z $DATA ]] || inputs+=(--data="$DATA")

@@ -113,6 +113,11 @@ PRESETS = {
         batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=150, val_clips=16, ckpt_every=150,
         num_workers=1, out_dir="out/tiny/vae"),
 }
+# The tiny VAE trained on the robot task's tracks (python data.py robot --out data/robot --n 640), for the tiny
+# LIBERO planner and policy: the paper's one open-domain VAE has seen robot motion, the 450-step tiny VAE has
+# only seen shapes on pans. 2000 steps, about 40 min on one core (planner.py, "Which VAE").
+PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, val_every=500, ckpt_every=250,
+                             log_every=100, out_dir="out/tiny/vae-robot")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -243,6 +243,18 @@ def test_policy_main_trains_evaluates_and_rolls_out_on_robot_demos(tmp_path):
     assert math.isfinite(actions["policy"]) and actions["mean_action"] > 0 and (tmp_path / "e.json").exists()
     assert actions["head"] == actions["policy"]   # the compared head (here: itself, by its folder name), same plans
     assert set(result["planner_libero"]) >= {"agentview_min", "eye_in_hand_min", "agentview_static"}
+    # the pooled plans are written to out_dir/plans.pt and a control run starts from them: a plan marked in the
+    # file comes back in the control's own file, so it was read, not made again; another sampler is refused
+    plans = torch.load(out / "plans.pt", weights_only=True)
+    assert plans["plans"]["index"].tolist() == list(range(8)) and plans["key"]["plan_steps"] == 2
+    plans["plans"]["latents"][3] = 7.0
+    torch.save(plans, tmp_path / "marked.pt")
+    control = tmp_path / "control"
+    policy.main([f if not f.startswith("--out_dir") else f"--out_dir={control}" for f in flags]
+                + ["--shuffle_latents", f"--plans={tmp_path / 'marked.pt'}"])
+    assert torch.equal(torch.load(control / "plans.pt", weights_only=True)["plans"]["latents"][3], torch.full((32, 4), 7.0))
+    with pytest.raises(ValueError, match="plan_steps = 2, this run has 3"):
+        policy.main(flags + ["--plan_steps=3", f"--plans={out / 'plans.pt'}"])
     # a rollout step from a demo's own frames
     demo = data.load_libero_demo(sorted((tmp_path / "robot").glob("*.hdf5"))[0], frames=[0])
     frames0 = np.stack([demo["views"][v]["video"][0] for v in data.LIBERO_VIEWS])

@@ -204,3 +204,19 @@ def test_train_ddp_sh_dry_run_under_a_four_node_slurm_allocation():
     single = run("bash", "train_ddp.sh", "planner", env=env)
     assert single.returncode == 0 and "--standalone" in single.stdout and "--nproc_per_node=1" in single.stdout
     assert "--vae=out/tiny/vae/ckpt.pt" in single.stdout
+
+
+def test_train_ddp_sh_tiny_libero_stages_plan_in_the_robot_vae():
+    """Tiny: vae-robot trains vae.py --preset tiny_robot and planner-libero reads its checkpoint; the paper preset
+    has no vae-robot (its LIBERO planner plans in the one general VAE)."""
+    env = dict(ENV, DRY_RUN="1")
+    robot = run("bash", "train_ddp.sh", "vae-robot", env=env)
+    assert robot.returncode == 0, robot.stderr
+    assert "vae.py --preset=tiny_robot --out_dir=out/tiny/vae-robot" in robot.stdout
+    libero = run("bash", "train_ddp.sh", "planner-libero", env=env)
+    assert "planner.py --preset=libero_tiny --out_dir=out/tiny/planner-libero --vae=out/tiny/vae-robot/ckpt.pt" \
+        in libero.stdout
+    paper = run("bash", "train_ddp.sh", "planner-libero", env=dict(env, PRESET="paper"))
+    assert "--vae=out/paper/vae/ckpt.pt" in paper.stdout
+    refused = run("bash", "train_ddp.sh", "vae-robot", env=dict(env, PRESET="paper"))
+    assert refused.returncode == 2 and "general VAE" in refused.stderr
