@@ -494,7 +494,10 @@ def main(argv=None):
         out = action_mse({"policy": raw_model}, planner, windows, cfg)
         return dict(out, ratio=out["mean_action"] / out["policy"])
     cache, key = {}, plan_file_key(planner, cfg)
-    if cfg.plans and cfg.latent_pool:
+    if cfg.plans and not cfg.latent_pool:
+        raise ValueError(f"--plans {cfg.plans}: plan files hold pooled plans; set --latent_pool (the one they were made "
+                         "with), or leave --plans out to plan every sample afresh")
+    if cfg.plans:
         cache = load_plans(cfg.plans, key)
         print(f"{cfg.plans}: {len(cache)} plans of the {cfg.latent_pool} pooled windows")
     train(cfg, head, train_set, make_policy_loss(head, planner, cfg, cache), "policy", validate)

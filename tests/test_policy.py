@@ -255,6 +255,8 @@ def test_policy_main_trains_evaluates_and_rolls_out_on_robot_demos(tmp_path):
     assert torch.equal(torch.load(control / "plans.pt", weights_only=True)["plans"]["latents"][3], torch.full((32, 4), 7.0))
     with pytest.raises(ValueError, match="plan_steps = 2, this run has 3"):
         policy.main(flags + ["--plan_steps=3", f"--plans={out / 'plans.pt'}"])
+    with pytest.raises(ValueError, match="set --latent_pool"):
+        policy.main(flags + ["--latent_pool=0", f"--plans={out / 'plans.pt'}"])
     # a rollout step from a demo's own frames
     demo = data.load_libero_demo(sorted((tmp_path / "robot").glob("*.hdf5"))[0], frames=[0])
     frames0 = np.stack([demo["views"][v]["video"][0] for v in data.LIBERO_VIEWS])
