@@ -183,7 +183,10 @@ def sample_latents(planner, image, pokes=None, text=None, k=4, steps=10, guidanc
     poke_guidance > 0 (with the vae and pokes): planner.PokeGuide's strength; 0 = the paper's sampler."""
     device = next(planner.parameters()).device
     images = image[None].to(device).repeat(k, 1, 1, 1)
-    pokes = None if pokes is None or len(pokes) == 0 else torch.as_tensor(pokes)[None].to(device).repeat(k, 1, 1)
+    if pokes is not None and len(pokes) > 0:
+        pokes = torch.as_tensor(pokes, dtype=torch.float32)[None].to(device).repeat(k, 1, 1)   # (numpy float64 too)
+    else:
+        pokes = None
     guide = None
     if poke_guidance > 0 and pokes is not None:
         tokens = vae.image_tokens(images[:1]).expand(k, -1, -1)   # one image: its tokens once, not K times

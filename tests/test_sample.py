@@ -119,6 +119,16 @@ def test_dense_decoding_equals_point_wise_decoding(files):
     assert query[0, -1].tolist() == [1, -1] and query[-1, 0].tolist() == [-1, 1]  # [row y, column x] = (x, y)
 
 
+def test_sample_latents_takes_numpy_float64_pokes_as_float32(files):
+    """A library caller's numpy pokes (float64) give the latents of the same pokes in float32, guidance on."""
+    model, planner = vae.load_vae(str(files / "vae.pt")), sample.load_planner(str(files / "planner.pt"))
+    image = torch.randn(3, planner.cfg.image_size, planner.cfg.image_size)
+    pokes = np.array([[0.1, -0.2, 0.4, 0.3, 1.0]])
+    z = [sample.sample_latents(planner, image, p, k=2, steps=2, vae=model, poke_guidance=0.5)
+         for p in (pokes, torch.tensor(pokes, dtype=torch.float32))]
+    assert z[0].dtype == torch.float32 and torch.equal(z[0], z[1])
+
+
 # ---------------------------------------------------------------------------------------------------- runs
 
 def test_poke_run_writes_the_documented_files(files, tmp_path):
