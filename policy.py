@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from planner import LIBERO_VIEWS, PRESETS as PLANNER_PRESETS, MotionPlanner, PlannerConfig, load_planner
 from vae import (Block, RMSNorm, SampleRandom, config_from_dict, load_checkpoint, parse_config, set_trainable,
-                 train)
+                 setup_distributed, train)
 
 
 @dataclass
@@ -500,9 +501,21 @@ def main(argv=None):
     if cfg.plans:
         cache = load_plans(cfg.plans, key)
         print(f"{cfg.plans}: {len(cache)} plans of the {cfg.latent_pool} pooled windows")
-    train(cfg, head, train_set, make_policy_loss(head, planner, cfg, cache), "policy", validate)
-    if cfg.latent_pool and cache and int(os.environ.get("RANK", 0)) == 0:
-        save_plans(os.path.join(cfg.out_dir, "plans.pt"), cache, key)
+    # the process group is ours, not train()'s, so that it outlives training: under torchrun every rank planned its
+    # own share of the pool, and rank 0 writes them all
+    rank, world, _, owned = setup_distributed(cfg.device)
+    try:
+        train(cfg, head, train_set, make_policy_loss(head, planner, cfg, cache), "policy", validate)
+        if cfg.latent_pool:
+            shares = [cache]
+            if world > 1:
+                shares = [None] * world
+                dist.all_gather_object(shares, {k: z.cpu() for k, z in cache.items()})
+            if rank == 0:
+                save_plans(os.path.join(cfg.out_dir, "plans.pt"), {k: z for s in shares for k, z in s.items()}, key)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

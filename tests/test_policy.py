@@ -247,12 +247,22 @@ def test_policy_main_trains_evaluates_and_rolls_out_on_robot_demos(tmp_path):
     # file comes back in the control's own file, so it was read, not made again; another sampler is refused
     plans = torch.load(out / "plans.pt", weights_only=True)
     assert plans["plans"]["index"].tolist() == list(range(8)) and plans["key"]["plan_steps"] == 2
-    plans["plans"]["latents"][3] = 7.0
-    torch.save(plans, tmp_path / "marked.pt")
+    marked = {**plans, "plans": {**plans["plans"], "latents": plans["plans"]["latents"].clone()}}
+    marked["plans"]["latents"][3] = 7.0
+    torch.save(marked, tmp_path / "marked.pt")
     control = tmp_path / "control"
     policy.main([f if not f.startswith("--out_dir") else f"--out_dir={control}" for f in flags]
                 + ["--shuffle_latents", f"--plans={tmp_path / 'marked.pt'}"])
     assert torch.equal(torch.load(control / "plans.pt", weights_only=True)["plans"]["latents"][3], torch.full((32, 4), 7.0))
+    # torchrun: each rank plans its share of the pool and rank 0 writes every plan, the same as one process's
+    from test_train import torchrun
+    ddp = tmp_path / "ddp"
+    result = torchrun("policy.py", *[f if not f.startswith("--out_dir") else f"--out_dir={ddp}" for f in flags],
+                      "--micro_batch=2")
+    assert result.returncode == 0, result.stderr[:3000]
+    ddp_plans = torch.load(ddp / "plans.pt", weights_only=True)["plans"]
+    assert ddp_plans["index"].tolist() == list(range(8))
+    torch.testing.assert_close(ddp_plans["latents"], plans["plans"]["latents"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="plan_steps = 2, this run has 3"):
         policy.main(flags + ["--plan_steps=3", f"--plans={out / 'plans.pt'}"])
     with pytest.raises(ValueError, match="set --latent_pool"):
