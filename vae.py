@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -595,10 +596,12 @@ class SampleRandom:
     SampleRandom.default(rng, B, device) is rng, or else the same interface over the global torch RNG."""
 
     def __init__(self, index, seed, device="cpu"):
-        if not 0 <= seed < 2 ** 23:
-            raise ValueError(f"seed: expected 0 <= seed < 2**23, got {seed}")
+        if seed < 0 or int(seed) != seed:
+            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
         self.device, self.batch = device, len(index)
-        self.generators = [torch.Generator().manual_seed(seed << 40 | int(i)) for i in index]
+        # numpy's PCG64 seeded with the pair (seed, index). (Not torch.Generator: its CPU engine keeps only the low
+        # 32 bits of a seed, so seed and index packed into one integer lost the seed and every --seed drew alike.)
+        self.generators = [np.random.default_rng((seed, int(i))) for i in index]
 
     @classmethod
     def default(cls, rng, batch, device):
@@ -607,16 +610,16 @@ class SampleRandom:
             rng.batch, rng.generators = batch, None
         return rng
 
-    def _draw(self, fn, shape):
+    def _draw(self, torch_fn, numpy_fn, shape):
         if self.generators is None:
-            return fn((self.batch, *shape)).to(self.device)
-        return torch.stack([fn(shape, generator=g) for g in self.generators]).to(self.device)
+            return torch_fn((self.batch, *shape)).to(self.device)
+        return torch.from_numpy(np.stack([numpy_fn(g, shape) for g in self.generators])).to(self.device)
 
     def rand(self, *shape):
-        return self._draw(torch.rand, shape)
+        return self._draw(torch.rand, lambda g, shape: g.random(shape, dtype=np.float32), shape)
 
     def randn(self, *shape):
-        return self._draw(torch.randn, shape)
+        return self._draw(torch.randn, lambda g, shape: g.standard_normal(shape, dtype=np.float32), shape)
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -886,7 +889,6 @@ def vae_loss(net, batch):
 def validate_vae(model, val_set, step=None, out_png=None, batch_size=8):
     """Held-out clips: AE PCK (encoded tracks) and MAE PCK (held-out tracks) at 256 px (Tables G, H), beside the
     nearest-neighbour and static baselines on the same tracks; a PNG of ground truth vs reconstruction."""
-    import numpy as np
     from eval import nearest_neighbour_baseline, pck, static_baseline
     device = next(model.parameters()).device
     n_enc = model.cfg.n_enc
@@ -915,7 +917,6 @@ def validate_vae(model, val_set, step=None, out_png=None, batch_size=8):
 def write_track_picture(path, frames, track_sets, size=256):
     """One row per frame, one column per track set ([n, N, T, 2] unit coordinates, e.g. ground truth and
     prediction), drawn over the frame upscaled to size x size; colour = time. Written atomically."""
-    import numpy as np
     import imageio.v3 as iio
     from data import draw_tracks, unit_to_pixels
     rows = []

@@ -167,6 +167,22 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere_and_stops_after_th
 
 # ---------------------------------------------------------------------------------------------------- schedules
 
+def test_sample_random_is_keyed_by_seed_and_index_alone():
+    a = vae.SampleRandom([3, 7], seed=1)
+    first, second = a.randn(4), a.rand(2)
+    # the same (seed, index) draws the same numbers in any batch and order of samples ...
+    b = vae.SampleRandom([7, 3, 9], seed=1)
+    assert torch.equal(b.randn(4)[[1, 0]], first) and torch.equal(b.rand(2)[[1, 0]], second)
+    # ... another seed or another index draws others (torch's CPU generator keeps only a seed's low 32 bits: seed and
+    # index packed into one integer gave every seed the same numbers)
+    for seed in (0, 2, 2 ** 32 + 1):
+        assert not torch.equal(vae.SampleRandom([3, 7], seed=seed).randn(4), first), seed
+    assert not torch.equal(vae.SampleRandom([4, 8], seed=1).randn(4), first)
+    assert 0 <= second.min() and second.max() < 1 and first.dtype == second.dtype == torch.float32
+    with pytest.raises(ValueError, match="seed: expected an integer >= 0"):
+        vae.SampleRandom([0], seed=-1)
+
+
 def test_schedule_pieces_at_chosen_steps():
     assert [vae.warmup(s, 4) for s in (0, 1, 3, 4, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     assert [vae.wsd_tail(s, 100, 0.2) for s in (0, 79, 80, 90, 99)] == [1.0, 1.0, 1.0, 0.5, 0.05]
