@@ -511,8 +511,9 @@ def main(argv=None):
             if world > 1:
                 shares = [None] * world
                 dist.all_gather_object(shares, {k: z.cpu() for k, z in cache.items()})
-            if rank == 0:
-                save_plans(os.path.join(cfg.out_dir, "plans.pt"), {k: z for s in shares for k, z in s.items()}, key)
+            plans = {k: z for share in shares for k, z in share.items()}
+            if rank == 0 and plans:
+                save_plans(os.path.join(cfg.out_dir, "plans.pt"), plans, key)
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
