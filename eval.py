@@ -9,6 +9,7 @@ This file holds two kinds of code:
      python eval.py tracks ... --steps 1,2,5,10,20,50               # quality against sampling steps (Fig. K)
      python eval.py tracks ... --protocol libero --text             # 16-frame windows, 32 tracks (Table E)
      python eval.py speed --preset paper --device cpu               # time, FLOPs, memory, MFU of every operation
+     python eval.py robot-ceiling --n 640                           # what the start frame decides on the robot task
      Each takes --data (synthetic, a folder of .npz clips, .tar shards) and --json FILE for the numbers.
 
 Conventions. Every input is in unit coordinates: (x, y) in [-1, 1] over the frame, x first. Track
@@ -992,6 +993,68 @@ SPEED_ROWS = ("encode", "decode", "dense64", "dense224", "train_vae", "velocity"
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
+def robot_state(ep, t):
+    """The exact state of frame t of a robot episode (data.robot_episode), as features: where the gripper, both
+    blocks and the target's goal are, how open the fingers are, the instruction (verb, direction) and the step."""
+    import numpy as np
+    import data
+    verb, *_, move = ep["text"].split()
+    g, blocks = ep["gripper"][t], ep["blocks"][t]
+    return np.array([*(g / 64 - 1), *(blocks.reshape(-1) / 64 - 1), *((blocks[0] - g) / 32),
+                     *((ep["goal"] - blocks[0]) / 32), ep["open"][t], verb == "push",
+                     *[move == m for m in data.ROBOT_MOVES], t / 100], np.float32)
+
+
+def cmd_robot_ceiling(args):
+    """How much of the actions that follow a window's start frame that frame decides, on the robot task (python
+    data.py robot): an MLP given the exact state of the start frame (robot_state: no perception to learn)
+    regresses the 16 actions that follow, trained on the training demos, scored on the held-out ones (the demos
+    and the split of `python data.py robot --n N --seed S` and LiberoDataset, windows every --stride frames as
+    policy.py evaluates). A policy head reading plans made from that frame can at best approach this ratio."""
+    import numpy as np
+    import data
+    from tqdm import tqdm
+    torch.manual_seed(args.seed)
+    episodes = [data.robot_episode(np.random.default_rng((args.seed, i)), (args.min_frames, args.max_frames))
+                for i in tqdm(range(args.n), desc="episodes", unit="ep")]
+    n_val = max(1, round(0.1 * args.n))  # LiberoDataset's split of the same folder
+    held_out = set(np.random.default_rng(data.LIBERO_SPLIT_SEED).permutation(args.n)[:n_val].tolist())
+
+    def windows(split, stride):
+        x, y = [], []
+        for i, ep in enumerate(episodes):
+            if (i in held_out) == (split == "val"):
+                T = len(ep["actions"])
+                for t in range(0, T - 15, stride):
+                    x.append(robot_state(ep, t))
+                    y.append(ep["actions"][np.minimum(np.arange(t, t + 16), T - 1)].reshape(-1))
+        return torch.from_numpy(np.stack(x)), torch.from_numpy(np.stack(y))
+    (x, y), (x_val, y_val) = windows("train", 1), windows("val", args.stride)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 512),
+                              torch.nn.GELU(), torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, y.shape[1]))
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    for _ in tqdm(range(args.steps), desc="state MLP", unit="step"):
+        batch = torch.randint(len(x), (256,))
+        loss = F.mse_loss(net(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    with torch.no_grad():
+        errors = {"state MLP": (net(x_val) - y_val).pow(2).view(-1, 16, 7).mean((0, 1)),
+                  "mean action": (y.mean(0) - y_val).pow(2).view(-1, 16, 7).mean((0, 1))}
+    results = {name: dict(mse=e.mean().item(), move=e[:2].mean().item(), gripper=e[6].item())
+               for name, e in errors.items()}
+    base = results["mean action"]["mse"]
+    print(f"{len(x)} training windows, {len(x_val)} held-out windows (every {args.stride} frames):")
+    print(format_table(["predictor", "action MSE", "vs the mean action", "dims 0-1", "gripper"],
+                       [[name, r["mse"], f"{base / r['mse']:.2f}x", r["move"], r["gripper"]]
+                        for name, r in results.items()]))
+    write_json(args.json, results)
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate the track VAE and the motion planner: the paper's "
                                      "protocols and a speed benchmark.")
@@ -1055,6 +1118,17 @@ def main(argv=None):
     p.add_argument("--rows", default=None, help=f"only these rows, comma-separated: {','.join(SPEED_ROWS)}")
     p.add_argument("--json", help="write the numbers to this file")
     p.set_defaults(run=cmd_speed)
+
+    p = commands.add_parser("robot-ceiling", help="what the start frame decides of the actions (robot task)",
+                            description=cmd_robot_ceiling.__doc__, **formatting)
+    p.add_argument("--n", type=positive_int, default=640, help="demos (as python data.py robot --n)")
+    p.add_argument("--seed", type=int, default=0, help="as python data.py robot --seed")
+    p.add_argument("--min-frames", type=positive_int, default=64, help="as python data.py robot")
+    p.add_argument("--max-frames", type=positive_int, default=96, help="as python data.py robot")
+    p.add_argument("--stride", type=positive_int, default=8, help="a held-out window every this many frames")
+    p.add_argument("--steps", type=positive_int, default=3000, help="training steps of the MLP (batch 256)")
+    p.add_argument("--json", help="write the numbers to this file")
+    p.set_defaults(run=cmd_robot_ceiling)
 
     args = parser.parse_args(argv)
     try:
