@@ -1010,7 +1010,7 @@ def cmd_robot_ceiling(args):
     data.py robot): an MLP given the exact state of the start frame (robot_state: no perception to learn)
     regresses the 16 actions that follow, trained on the training demos, scored on the held-out ones (the demos
     and the split of `python data.py robot --n N --seed S` and LiberoDataset, windows every --stride frames as
-    policy.py evaluates). A policy head reading plans made from that frame can at best approach this ratio."""
+    policy.py evaluates them, the last action repeated past the end). A policy head reading plans made from that frame can at best approach this ratio."""
     import numpy as np
     import data
     from tqdm import tqdm
@@ -1020,16 +1020,16 @@ def cmd_robot_ceiling(args):
     n_val = max(1, round(0.1 * args.n))  # LiberoDataset's split of the same folder
     held_out = set(np.random.default_rng(data.LIBERO_SPLIT_SEED).permutation(args.n)[:n_val].tolist())
 
-    def windows(split, stride):
+    def windows(split, stride, window):  # starts as LiberoDataset(split, window=window) has them: T - window + 1
         x, y = [], []
         for i, ep in enumerate(episodes):
             if (i in held_out) == (split == "val"):
                 T = len(ep["actions"])
-                for t in range(0, T - 15, stride):
+                for t in range(0, T - window + 1, stride):
                     x.append(robot_state(ep, t))
                     y.append(ep["actions"][np.minimum(np.arange(t, t + 16), T - 1)].reshape(-1))
         return torch.from_numpy(np.stack(x)), torch.from_numpy(np.stack(y))
-    (x, y), (x_val, y_val) = windows("train", 1), windows("val", args.stride)
+    (x, y), (x_val, y_val) = windows("train", 1, 16), windows("val", args.stride, args.stride)  # as policy.py
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 512),
                               torch.nn.GELU(), torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, y.shape[1]))
     opt = torch.optim.AdamW(net.parameters(), 1e-3)

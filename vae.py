@@ -116,7 +116,7 @@ PRESETS = {
 }
 # The tiny VAE trained on the robot task's tracks (python data.py robot --out data/robot --n 640), for the tiny
 # LIBERO planner and policy: the paper's one open-domain VAE has seen robot motion, the 450-step tiny VAE has
-# only seen shapes on pans. 2000 steps, about 40 min on one core (planner.py, "Which VAE").
+# only seen shapes on pans. 2000 steps, 25 min on 2 cores (planner.py, "Which VAE").
 PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, val_every=500, ckpt_every=250,
                              log_every=100, out_dir="out/tiny/vae-robot")
 
