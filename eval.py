@@ -141,6 +141,19 @@ def diversity(pred, res=128):
     return float((p[..., first, :, :, :] - p[..., second, :, :, :]).norm(dim=-1).mean())
 
 
+def direction_cosine(pred, gt):
+    """Does one sample move the way the truth does? Cosine between the mean displacement of its tracks and the
+    truth's, averaged over clips (1: the same direction, 0: unrelated, -1: opposite). Min-MSE over K samples
+    rewards samples that spread over the possible directions; a policy head reads one sample.
+
+    pred, gt: [..., N, T, 2], unit coordinates (one sample per clip).
+        d = mean over n of (x[n, T-1] - x[n, 0]);   cosine = mean over clips of d_pred . d_gt / (|d_pred| |d_gt|)
+    """
+    _check_tracks(pred, gt)
+    d_pred, d_gt = ((x[..., -1, :] - x[..., 0, :]).double().mean(-2) for x in (pred, gt))
+    return float(F.cosine_similarity(d_pred, d_gt, dim=-1).mean())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Baselines (Sec. A: they use the same evaluation tracks as the model)
 

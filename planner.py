@@ -705,8 +705,9 @@ def validate_libero(planner, vae, batch, k=8, steps=10, seed=0):
     """Table E protocol per view: k samples of both grids from the task, timestep and start frames, each view
     decoded at its evaluation tracks' start points, the model's frames subsampled to the window; Min-MSE at
     128 px, beside the static baseline, the VAE's own reconstruction of the same tracks (the floor) and the
-    planner with its start frames dropped (task and timestep only). gt [W, V, N, T_window, 2]."""
-    from eval import static_baseline, subsample_time, trajectory_mse
+    planner with its start frames dropped (task and timestep only); and eval.direction_cosine of one plan (and of
+    the VAE's reconstruction) per window. gt [W, V, N, T_window, 2]."""
+    from eval import direction_cosine, static_baseline, subsample_time, trajectory_mse
     device = next(planner.parameters()).device
     image, gt = batch["image"].to(device), batch["gt"].to(device)
     W, _, N, T, _ = gt.shape
@@ -729,10 +730,15 @@ def validate_libero(planner, vae, batch, k=8, steps=10, seed=0):
         grid = slice(v * n, (v + 1) * n)
         stretched = gt[:, v] if T_model == T else subsample_time(gt[:, v], T_model)
         z_rec = vae.encode(image[:, v], stretched[:, :vae.cfg.n_enc])[0]
-        out[f"{name}_min"] = trajectory_mse(decode(z[:, grid], v), gt[:, v])["min"]
+        plans, rec = decode(z[:, grid], v), decode(z_rec, v)
+        out[f"{name}_min"] = trajectory_mse(plans, gt[:, v])["min"]
         out[f"{name}_no_frame"] = trajectory_mse(decode(z_blind[:, grid], v), gt[:, v])["min"]
         out[f"{name}_static"] = trajectory_mse(static_baseline(gt[:, v, :, 0], T)[:, None], gt[:, v])["min"]
-        out[f"{name}_floor"] = trajectory_mse(decode(z_rec, v), gt[:, v])["min"]
+        out[f"{name}_floor"] = trajectory_mse(rec, gt[:, v])["min"]
+        # what a policy head reads: one plan, and whether it moves the way the window did (VAE: the same for its
+        # reconstruction of the true tracks)
+        out[f"{name}_direction"] = direction_cosine(plans[:, 0], gt[:, v])
+        out[f"{name}_floor_direction"] = direction_cosine(rec[:, 0], gt[:, v])
     return out
 
 

@@ -432,7 +432,8 @@ def evaluate(cfg, planner):
           f"non-static tracks per view, K = {cfg.eval_k}, Min-MSE at 128 px):")
     for view in LIBERO_VIEWS:
         print(f"  {view:>12}: planner {table[f'{view}_min']:.2f}, frames dropped {table[f'{view}_no_frame']:.2f}, "
-              f"static {table[f'{view}_static']:.2f}, VAE floor {table[f'{view}_floor']:.2f}")
+              f"static {table[f'{view}_static']:.2f}, VAE floor {table[f'{view}_floor']:.2f}; one plan's direction "
+              f"cosine {table[f'{view}_direction']:.3f} (the VAE's reconstruction {table[f'{view}_floor_direction']:.3f})")
     out = dict(actions=results, action_windows=len(windows["actions"]), planner_libero=table,
                planner_windows=len(batch["gt"]), k=cfg.eval_k, planner=cfg.planner, policy=cfg.out_dir,
                compare=cfg.compare)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import (attention_flops, count_flops, diversity, endpoint_error, linear_extrapolation, main, measure,
+from eval import (attention_flops, count_flops, direction_cosine, diversity, endpoint_error, linear_extrapolation, main, measure,
                   nearest_neighbour_baseline, pck, static_baseline, straight_to_poke_baseline, subsample_time,
                   to_window, trajectory_mse)
 
@@ -171,6 +171,22 @@ def test_diversity_hand_computed():
 
 # ---------------------------------------------------------------------------------------------------------
 # Baselines
+
+def test_direction_cosine_hand_computed():
+    # two clips of N = 2 tracks over T = 3 frames; only the first and last frames count, and the mean over tracks
+    gt = torch.zeros(2, 2, 3, 2, dtype=torch.float64)
+    gt[0, :, -1] = torch.tensor([[0.2, 0.0], [0.4, 0.0]])      # clip 0 moves right (mean (0.3, 0))
+    gt[1, :, -1] = torch.tensor([[0.0, 0.1], [0.0, 0.1]])      # clip 1 moves down
+    gt[:, :, 1] = 5.0                                           # the middle frame does not count
+    same, opposite = gt.clone(), gt.clone()
+    opposite[..., -1, :] = -gt[..., -1, :]
+    turned = gt.clone()
+    turned[0, :, -1] = torch.tensor([[0.0, 0.3], [0.0, 0.3]])  # clip 0 turned 90 degrees: cosine 0
+    turned[1, :, -1] = torch.tensor([[0.1, 0.1], [0.1, 0.1]])  # clip 1 at 45 degrees: 1 / sqrt(2)
+    assert direction_cosine(same * 3, gt) == pytest.approx(1.0)  # the length does not count
+    assert direction_cosine(opposite, gt) == pytest.approx(-1.0)
+    assert direction_cosine(turned, gt) == pytest.approx((0 + 2 ** -0.5) / 2)
+
 
 def test_static_baseline():
     start = torch.tensor([[0.1, -0.7], [0.4, 0.2], [-0.9, 0.0]])        # [N=3, 2]

@@ -407,5 +407,6 @@ def test_libero_planner_trains_on_robot_demos_and_reports_the_table_e_protocol(t
     for name, tensor in model.image_encoder.state_dict().items():
         assert torch.equal(tensor, vae_state[f"image_encoder.{name}"]), name
     log = (paths["out"] / "log.txt").read_text()
-    for key in ("agentview_min", "agentview_static", "agentview_floor", "eye_in_hand_min", "eye_in_hand_no_frame"):
+    for key in ("agentview_min", "agentview_static", "agentview_floor", "eye_in_hand_min", "eye_in_hand_no_frame",
+                "eye_in_hand_direction", "agentview_floor_direction"):
         assert f" {key} " in log, key
