@@ -1064,7 +1064,7 @@ def robot_episode(seed, frames=(64, 96)):
     # the approach's length makes the script (paths at ROBOT_STEP plus 4 + 3 still frames) fill about T - 8 frames
     approach = np.clip(ROBOT_STEP * (T - 15) - dist - 12, 8, 64)
     g = np.clip(block + offset + _random_vector(rng, approach), 16, ROBOT_SIZE - 17)
-    speed, block_goal = ROBOT_STEP, block + d * dist
+    block_goal = block + d * dist
     blocks, openness, phase, wait, goal = np.stack([block, spare]), 1.0, "approach", 0, g
     rows = {key: [] for key in ("gripper", "open", "blocks", "actions")}
     for _ in range(T):
@@ -1082,7 +1082,7 @@ def robot_episode(seed, frames=(64, 96)):
         aim, grip = {"approach": (hold, -1.0), "grip": (hold, 1.0), "move": (goal, 1.0),
                      "release": (g, -1.0), "back off": (goal, -1.0)}[phase]
         wait -= 1
-        velocity = (aim - g) * min(1.0, speed / max(np.linalg.norm(aim - g), 1e-9))
+        velocity = (aim - g) * min(1.0, ROBOT_STEP / max(np.linalg.norm(aim - g), 1e-9))
         action = np.concatenate([velocity / ROBOT_SPEED + rng.normal(0, 0.02, 2), rng.normal(0, 0.02, 4), [grip]])
         action = np.clip(action, -1, 1).astype(np.float32)
         step = ROBOT_SPEED * action[:2].astype(np.float64)  # the stored action is exactly the motion
