@@ -715,6 +715,13 @@ LIBERO_VIEWS = ("agentview", "eye_in_hand")  # side camera, wrist camera: the or
 LIBERO_SPLIT_SEED = 0  # the demo split ignores the items' seed: every run holds out the same episodes
 
 
+def libero_held_out(n_demos, val_fraction=0.1):
+    """The demos (indices into the sorted list of a folder's n_demos) that LiberoDataset holds out as "val": a
+    fixed seeded permutation's first val_fraction of them, at least one (none when there is only one demo)."""
+    n_val = max(1, round(val_fraction * n_demos)) if n_demos > 1 else 0
+    return set(np.random.default_rng(LIBERO_SPLIT_SEED).permutation(n_demos)[:n_val].tolist())
+
+
 def resample_time(tracks, T_out):
     """Resample tracks [..., T_in, 2] (torch) to [..., T_out, 2] by linear interpolation in time; one function
     for Sec. A's 16 -> 64 frames (training) and 64 -> 16 (evaluation: eval.subsample_time calls it).
@@ -901,8 +908,7 @@ class LiberoDataset(torch.utils.data.Dataset):
         paths = find_libero_demos(source)
         if not paths:
             raise ValueError(f"data source '{source}': no .hdf5 demos found (expected a folder or glob of them)")
-        n_val = max(1, round(val_fraction * len(paths))) if len(paths) > 1 else 0
-        held_out = set(np.random.default_rng(LIBERO_SPLIT_SEED).permutation(len(paths))[:n_val].tolist())
+        held_out = libero_held_out(len(paths), val_fraction)
         self.paths = [p for i, p in enumerate(paths) if (i in held_out) == (split == "val")]
         import h5py
         windows = []
@@ -1119,9 +1125,8 @@ def render_robot(ep, view):
     x, y, _ = np.broadcast_arrays(x, y, t)
     part = robot_parts(ep, t, x, y)
     image = _texel(tex["table"], x, y, -48, -48)  # the table texture spans world pixels [-48, 176)
-    if "goal" in ep:  # where the block goes: a dark square outline (2 px) on the table, under everything else
-        ring = np.maximum(np.abs(x - ep["goal"][0]), np.abs(y - ep["goal"][1]))
-        image[(ring >= BLOCK + 1) & (ring <= BLOCK + 3)] = (40, 35, 30)
+    ring = np.maximum(np.abs(x - ep["goal"][0]), np.abs(y - ep["goal"][1]))  # where the block goes: a dark
+    image[(ring >= BLOCK + 1) & (ring <= BLOCK + 3)] = (40, 35, 30)              # outline (2 px) under the rest
     for k, on in ((1, part == 1), (2, part == 2), (3, part >= 3)):  # texture coordinates relative to the part
         f = np.broadcast_to(t, part.shape)[on]
         centre = ep["gripper"][f] if k == 3 else ep["blocks"][f, k - 1]

@@ -1023,15 +1023,16 @@ def cmd_robot_ceiling(args):
     data.py robot): an MLP given the exact state of the start frame (robot_state: no perception to learn)
     regresses the 16 actions that follow, trained on the training demos, scored on the held-out ones (the demos
     and the split of `python data.py robot --n N --seed S` and LiberoDataset, windows every --stride frames as
-    policy.py evaluates them, the last action repeated past the end). A policy head reading plans made from that frame can at best approach this ratio."""
+    policy.py evaluates them, the last action repeated past the end). A policy head reading plans made from that
+    frame can at best approach this ratio."""
     import numpy as np
     import data
     from tqdm import tqdm
     torch.manual_seed(args.seed)
-    episodes = [data.robot_episode(np.random.default_rng((args.seed, i)), (args.min_frames, args.max_frames))
+    # demo i of `python data.py robot` is seeded (seed, i) (make_robot_demo); the episode is its first draw
+    episodes = [data.robot_episode((args.seed, i), (args.min_frames, args.max_frames))
                 for i in tqdm(range(args.n), desc="episodes", unit="ep")]
-    n_val = max(1, round(0.1 * args.n))  # LiberoDataset's split of the same folder
-    held_out = set(np.random.default_rng(data.LIBERO_SPLIT_SEED).permutation(args.n)[:n_val].tolist())
+    held_out = data.libero_held_out(args.n)  # LiberoDataset's split of that folder
 
     def windows(split, stride, window):  # starts as LiberoDataset(split, window=window) has them: T - window + 1
         x, y = [], []

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import (attention_flops, count_flops, direction_cosine, diversity, endpoint_error, linear_extrapolation, main, measure,
-                  nearest_neighbour_baseline, pck, static_baseline, straight_to_poke_baseline, subsample_time,
-                  to_window, trajectory_mse)
+from eval import (attention_flops, count_flops, direction_cosine, diversity, endpoint_error, linear_extrapolation,
+                  main, measure, nearest_neighbour_baseline, pck, static_baseline, straight_to_poke_baseline,
+                  subsample_time, to_window, trajectory_mse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
