@@ -10,6 +10,7 @@ This file holds two kinds of code:
      python eval.py tracks ... --protocol libero --text             # 16-frame windows, 32 tracks (Table E)
      python eval.py speed --preset paper --device cpu               # time, FLOPs, memory, MFU of every operation
      python eval.py robot-ceiling --n 640                           # what the start frame decides on the robot task
+     python eval.py robot-ceiling --frames P                        # ... and what a head reading planner P's inputs gets
      Each takes --data (synthetic, a folder of .npz clips, .tar shards) and --json FILE for the numbers.
 
 Conventions. Every input is in unit coordinates: (x, y) in [-1, 1] over the frame, x first. Track
@@ -1024,7 +1025,8 @@ def cmd_robot_ceiling(args):
     regresses the 16 actions that follow, trained on the training demos, scored on the held-out ones (the demos
     and the split of `python data.py robot --n N --seed S` and LiberoDataset, windows every --stride frames as
     policy.py evaluates them, the last action repeated past the end). A policy head reading plans made from that
-    frame can at best approach this ratio."""
+    frame can at best approach this ratio. --frames PLANNER adds the bound that the planner's own perception sets
+    (frames_ceiling): the same head as the policy's, reading the planner's inputs instead of its plans."""
     import numpy as np
     import data
     from tqdm import tqdm
@@ -1058,6 +1060,8 @@ def cmd_robot_ceiling(args):
     with torch.no_grad():
         errors = {"state MLP": (net(x_val) - y_val).pow(2).view(-1, 16, 7).mean((0, 1)),
                   "mean action": (y.mean(0) - y_val).pow(2).view(-1, 16, 7).mean((0, 1))}
+    if args.frames:
+        errors[f"frames ({args.frames})"] = frames_ceiling(args, y_val.view(-1, 16, 7))
     results = {name: dict(mse=e.mean().item(), move=e[:2].mean().item(), gripper=e[6].item())
                for name, e in errors.items()}
     base = results["mean action"]["mse"]
@@ -1067,6 +1071,47 @@ def cmd_robot_ceiling(args):
                         for name, r in results.items()]))
     write_json(args.json, results)
     return results
+
+
+def frames_ceiling(args, held_out_actions):
+    """robot-ceiling --frames PLANNER: policy.FramesHead, the policy head reading the planner's inputs (its locked
+    image encoder's tokens of both start frames, the task embedding, the timestep) instead of its plans, trained
+    as the tiny policy head is (its pool of training windows of --data, batch 32, AdamW 1e-3, --frames-steps) and
+    scored on the same held-out windows. -> the action MSE per dimension [7]."""
+    import data
+    import policy
+    from tqdm import tqdm
+    planner = policy.frozen_planner(args.frames)
+    cfg = policy.PolicyConfig(**policy.PRESETS["tiny"])
+    cfg = dataclasses.replace(cfg, data=args.data, eval_stride=args.stride, seed=planner.cfg.seed)
+    held_out = policy.eval_windows(cfg, planner)
+    if not torch.equal(held_out["actions"], held_out_actions):
+        raise ValueError(f"--data {args.data}: its held-out windows are not those of robot_episode with --n {args.n} "
+                         f"--seed {args.seed} (was it made by python data.py robot with these?)")
+    base = data.LiberoDataset(args.data, "train", n_frames=planner.cfg.n_frames, window=planner.cfg.window,
+                              n_tracks=1, image_size=planner.cfg.image_size, action_chunk=16, seed=cfg.seed)
+    items = [base[i] for i in tqdm(range(min(cfg.latent_pool, len(base))), desc="training windows", unit="window")]
+
+    def inputs(image, task_emb, timestep):  # the frozen encoder's tokens, in batches
+        features = torch.cat([policy.frame_features(planner, part) for part in image.split(64)])
+        return features, task_emb, timestep
+    train_inputs = inputs(*(torch.stack([it[k] for it in items]) for k in ("image", "task_emb", "timestep")))
+    actions = torch.stack([it["actions"] for it in items])
+    net = policy.FramesHead(cfg, planner)
+    net.head.action_mean.copy_(actions.flatten(0, 1).mean(0))
+    net.head.action_std.copy_(actions.flatten(0, 1).std(0).clamp(min=1e-6))
+    opt = torch.optim.AdamW(net.parameters(), cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.frames_steps)
+    for _ in tqdm(range(args.frames_steps), desc="frames head", unit="step"):
+        batch = torch.randint(len(actions), (cfg.micro_batch,))
+        loss = F.mse_loss(net.actions(*(x[batch] for x in train_inputs)), actions[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    with torch.no_grad():
+        pred = net.actions(*inputs(held_out["image"], held_out["task_emb"], held_out["timestep"]))
+    return (pred - held_out_actions).pow(2).mean((0, 1))
 
 
 def main(argv=None):
@@ -1141,6 +1186,9 @@ def main(argv=None):
     p.add_argument("--max-frames", type=positive_int, default=96, help="as python data.py robot")
     p.add_argument("--stride", type=positive_int, default=8, help="a held-out window every this many frames")
     p.add_argument("--steps", type=positive_int, default=3000, help="training steps of the MLP (batch 256)")
+    p.add_argument("--frames", help="also train policy.FramesHead on this LIBERO planner's inputs (checkpoint)")
+    p.add_argument("--data", default="data/robot", help="with --frames: the demos of python data.py robot")
+    p.add_argument("--frames-steps", type=positive_int, default=2000, help="with --frames: training steps (batch 32)")
     p.add_argument("--json", help="write the numbers to this file")
     p.set_defaults(run=cmd_robot_ceiling)
 

@@ -152,6 +152,39 @@ class PolicyHead(nn.Module):
         return self.forward(z) * self.action_std + self.action_mean
 
 
+class FramesHead(nn.Module):
+    """A control that bounds the chain from above (eval.py robot-ceiling --frames): the same head, reading what
+    the planner reads instead of what it plans. Its tokens: the planner's locked image encoder's patch tokens of
+    both start frames (frame_features), one for the task embedding and one for the timestep, each through a
+    linear map to the head's width. What a head of this size cannot get from the planner's perception, a plan made
+    from it cannot carry either."""
+
+    def __init__(self, cfg: PolicyConfig, planner):
+        super().__init__()
+        pc = planner.cfg
+        n_patches = (pc.image_size // pc.image_patch) ** 2
+        cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * n_patches + 2, latent_channels=cfg.dim)
+        self.image_in = nn.Linear(pc.image_dim, cfg.dim)
+        self.task_in = nn.Linear(pc.text_dim, cfg.dim)
+        self.step_in = nn.Linear(1, cfg.dim)
+        self.max_timestep = pc.max_timestep
+        self.head = PolicyHead(cfg)
+
+    def forward(self, features, task_emb, timestep):
+        """features [B, V * patches, image_dim], task_emb [B, text_dim], timestep [B] -> standardised actions."""
+        step = (timestep.float() / self.max_timestep)[:, None, None]
+        return self.head(torch.cat([self.image_in(features), self.task_in(task_emb)[:, None], self.step_in(step)], 1))
+
+    def actions(self, features, task_emb, timestep):
+        return self.forward(features, task_emb, timestep) * self.head.action_std + self.head.action_mean
+
+
+@torch.no_grad()
+def frame_features(planner, image):
+    """The planner's image encoder on both start frames: image [B, V, 3, S, S] -> tokens [B, V * patches, image_dim]."""
+    return planner.image_encoder(image.flatten(0, 1)).unflatten(0, image.shape[:2]).flatten(1, 2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Rollouts: plan, regress, average the overlapping chunks
 

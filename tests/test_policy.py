@@ -71,6 +71,28 @@ def test_the_head_sees_only_the_latents():
     assert (grad.abs().sum(-1) > 0).all()
 
 
+def test_the_frames_control_reads_the_planners_inputs():
+    """policy.FramesHead (eval.py robot-ceiling --frames): the planner's encoder tokens of both frames, the task
+    and the timestep, one token each for the last two; every one of them moves the actions."""
+    from test_planner import micro_config as planner_config
+    from planner import MotionPlanner
+    torch.manual_seed(0)
+    planner = MotionPlanner(planner_config(task="libero", text_dim=12), pretrained=False).eval()
+    net = policy.FramesHead(micro_config(), planner)
+    for p in net.parameters():  # move the zero-initialised output layer off zero
+        p.data += 0.05 * torch.randn_like(p)
+    image, task, step = torch.randn(3, 2, 3, 28, 28), torch.randn(3, 12), torch.tensor([0, 40, 90])
+    features = policy.frame_features(planner, image)
+    assert features.shape == (3, 2 * (28 // 14) ** 2, 32)
+    assert torch.equal(features[:, :4], planner.image_encoder(image[:, 0]))       # view-major, as the planner's
+    assert net.head.cfg.latent_tokens == 2 * 4 + 2
+    out = net.actions(features, task, step)
+    assert out.shape == (3, 4, 7)
+    for changed in (net.actions(features + 1, task, step), net.actions(features, -task, step),
+                    net.actions(features, task, step + 50)):
+        assert not torch.allclose(changed, out, atol=1e-4)
+
+
 def test_action_chunk_shapes_and_units():
     head = micro_head()
     head.action_mean.copy_(torch.arange(7.0))
