@@ -1019,6 +1019,21 @@ def robot_state(ep, t):
                      *[move == m for m in data.ROBOT_MOVES], t / 100], np.float32)
 
 
+def fit(net, predict, inputs, target, steps, batch_size, lr, desc):
+    """The robot-ceiling regressors' training: random batches of (inputs, target), the L2 loss of predict(*inputs),
+    AdamW at lr with a cosine decay over steps."""
+    from tqdm import tqdm
+    opt = torch.optim.AdamW(net.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in tqdm(range(steps), desc=desc, unit="step"):
+        batch = torch.randint(len(target), (batch_size,))
+        loss = F.mse_loss(predict(*(x[batch] for x in inputs)), target[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+
+
 def cmd_robot_ceiling(args):
     """How much of the actions that follow a window's start frame that frame decides, on the robot task (python
     data.py robot): an MLP given the exact state of the start frame (robot_state: no perception to learn)
@@ -1048,15 +1063,7 @@ def cmd_robot_ceiling(args):
     (x, y), (x_val, y_val) = windows("train", 1, 16), windows("val", args.stride, args.stride)  # as policy.py
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 512),
                               torch.nn.GELU(), torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, y.shape[1]))
-    opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
-    for _ in tqdm(range(args.steps), desc="state MLP", unit="step"):
-        batch = torch.randint(len(x), (256,))
-        loss = F.mse_loss(net(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
+    fit(net, net, (x,), y, args.steps, 256, 1e-3, "state MLP")
     with torch.no_grad():
         errors = {"state MLP": (net(x_val) - y_val).pow(2).view(-1, 16, 7).mean((0, 1)),
                   "mean action": (y.mean(0) - y_val).pow(2).view(-1, 16, 7).mean((0, 1))}
@@ -1100,15 +1107,7 @@ def frames_ceiling(args, held_out_actions):
     net = policy.FramesHead(cfg, planner)
     net.head.action_mean.copy_(actions.flatten(0, 1).mean(0))
     net.head.action_std.copy_(actions.flatten(0, 1).std(0).clamp(min=1e-6))
-    opt = torch.optim.AdamW(net.parameters(), cfg.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.frames_steps)
-    for _ in tqdm(range(args.frames_steps), desc="frames head", unit="step"):
-        batch = torch.randint(len(actions), (cfg.micro_batch,))
-        loss = F.mse_loss(net.actions(*(x[batch] for x in train_inputs)), actions[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
+    fit(net, net.actions, train_inputs, actions, args.frames_steps, cfg.micro_batch, cfg.lr, "frames head")
     with torch.no_grad():
         pred = net.actions(*inputs(held_out["image"], held_out["task_emb"], held_out["timestep"]))
     return (pred - held_out_actions).pow(2).mean((0, 1))
