@@ -1091,7 +1091,7 @@ def frames_ceiling(args, held_out_actions):
     planner = policy.frozen_planner(args.frames)
     cfg = policy.PolicyConfig(**policy.PRESETS["tiny"])
     cfg = dataclasses.replace(cfg, data=args.data, eval_stride=args.stride, seed=planner.cfg.seed)
-    held_out = policy.eval_windows(cfg, planner)
+    held_out = policy.eval_windows(cfg, planner.cfg)
     if not torch.equal(held_out["actions"], held_out_actions):
         raise ValueError(f"--data {args.data}: its held-out windows are not those of robot_episode with --n {args.n} "
                          f"--seed {args.seed} (was it made by python data.py robot with these?)")
@@ -1100,11 +1100,12 @@ def frames_ceiling(args, held_out_actions):
     items = [base[i] for i in tqdm(range(min(cfg.latent_pool, len(base))), desc="training windows", unit="window")]
 
     def inputs(image, task_emb, timestep):  # the frozen encoder's tokens, in batches
-        features = torch.cat([policy.frame_features(planner, part) for part in image.split(64)])
+        with torch.no_grad():
+            features = torch.cat([policy.frame_features(planner.image_encoder, part) for part in image.split(64)])
         return features, task_emb, timestep
     train_inputs = inputs(*(torch.stack([it[k] for it in items]) for k in ("image", "task_emb", "timestep")))
     actions = torch.stack([it["actions"] for it in items])
-    net = policy.FramesHead(cfg, planner)
+    net = policy.FramesHead(cfg, planner.cfg)
     net.head.action_mean.copy_(actions.flatten(0, 1).mean(0))
     net.head.action_std.copy_(actions.flatten(0, 1).std(0).clamp(min=1e-6))
     fit(net, net.actions, train_inputs, actions, args.frames_steps, cfg.micro_batch, cfg.lr, "frames head")

@@ -51,6 +51,8 @@ class PlannerConfig:
     freeze_image_encoder: bool = True
     unfreeze_image_encoder_at: int = -1
     image_from_vae: bool = False       # start the image encoder from the VAE's (the tiny preset: no pretrained DINOv2)
+    image_init: str = ""               # or from a trained stand-in: a perception checkpoint (policy.py --preset
+                                       # perception_tiny; the tiny LIBERO planner's, "Which image encoder" below)
     # transformer (Table F)
     dim: int = 1024
     layers: int = 24
@@ -129,7 +131,13 @@ PRESETS["libero"] = dict(task="libero", data="data/libero", text_dim=768, text_l
                          out_dir="out/paper/planner-libero")
 # The tiny LIBERO planner plans in a tiny VAE trained on the robot task's tracks (vae.py --preset tiny_robot; why:
 # "Which VAE" below). Two views double the tokens of a step: batch 16 keeps a step near the open tiny planner's time.
+# Which image encoder: the paper's planner sees through DINOv2, locked. Its tiny stand-ins do not see this task: a head
+# of the policy's size reading a locked random ViT/14's tokens of both frames regresses the actions that follow only
+# 2.1-2.3x better than their mean, 1.7x from the robot VAE's trained one, and a planner on either plans at chance
+# direction (README "LIBERO"). So the tiny LIBERO planner's encoder is a small CNN (vae.ConvStandIn), trained first
+# on the demos' frames -> actions (policy.py --preset perception_tiny), then locked here like DINOv2.
 PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
+                              image_encoder="conv", image_from_vae=False, image_init="out/tiny/perception/ckpt.pt",
                               text_layers=1, freeze_image_encoder=True, max_steps=3000, batch_start=16, batch_end=16,
                               micro_batch=16, log_every=100, val_every=3000, ckpt_every=250,
                               out_dir="out/tiny/planner-libero")
@@ -767,11 +775,30 @@ def config_for_vae(cfg, vae):
 
 
 def build_planner(cfg, vae):
-    """A planner for this VAE (cfg from config_for_vae); with image_from_vae its image encoder starts from the VAE's."""
-    model = MotionPlanner(cfg, pretrained=not cfg.image_from_vae)
+    """A planner for this VAE (cfg from config_for_vae); its image encoder starts from the VAE's (image_from_vae),
+    from a perception checkpoint's (image_init), or from DINOv2's pretrained weights."""
+    if cfg.image_from_vae and cfg.image_init:
+        raise ValueError(f"image_init {cfg.image_init} and image_from_vae: the image encoder can start from one only")
+    model = MotionPlanner(cfg, pretrained=not (cfg.image_from_vae or cfg.image_init))
     if cfg.image_from_vae:
         model.image_encoder.load_state_dict(vae.image_encoder.state_dict())
+    if cfg.image_init:
+        load_image_encoder(model, cfg.image_init)
     return model
+
+
+def load_image_encoder(model, path):
+    """The image encoder of a perception checkpoint (policy.Perception, whose `encoder` it is) into the planner."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--image_init {path}: no such checkpoint; train the image encoder first with: "
+                         "python policy.py --preset perception_tiny")
+    state = load_checkpoint(path, kind="perception")["model"]
+    state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    try:
+        model.image_encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"--image_init {path}: its image encoder does not fit this planner's (image_encoder "
+                         f"{model.cfg.image_encoder!r}, image_dim {model.cfg.image_dim}): {str(e)[:300]}") from None
 
 
 def main(argv=None):

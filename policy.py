@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from planner import LIBERO_VIEWS, PRESETS as PLANNER_PRESETS, MotionPlanner, PlannerConfig, load_planner
-from vae import (Block, RMSNorm, SampleRandom, config_from_dict, load_checkpoint, parse_config, set_trainable,
-                 setup_distributed, train)
+from vae import (Block, ImageEncoder, RMSNorm, SampleRandom, config_from_dict, load_checkpoint, parse_config,
+                 set_trainable, setup_distributed, train)
 
 
 @dataclass
@@ -55,6 +55,8 @@ class PolicyConfig:
     action_dim: int = 7                # LIBERO: end-effector delta (6) + gripper (1)
     action_chunk: int = 16             # future actions per plan (ours: the 16-frame window the planner covers)
     plan_steps: int = 10               # Euler steps of the planner for every plan, in training and rollouts (Sec. A)
+    perception: bool = False           # train the tiny planner's image stand-in instead (Perception): --preset perception_tiny
+    vae: str = ""                      # perception: the VAE that planner will plan in (its frames and image size)
     shuffle_latents: bool = False      # the control: each window learns from the latents of another episode's window
     latent_pool: int = 0               # > 0: cycle through this many training windows and cache their plans (a plan's
                                        # noise is keyed by the window, so a cached plan is the same plan); 0: plan
@@ -106,6 +108,11 @@ PRESETS = {
         decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=2000,
         ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy", eval_json="out/tiny/eval/policy.json"),
 }
+# The tiny LIBERO planner's image encoder, before the planner exists (Perception): the conv stand-in and a head of
+# the tiny policy's size, trained together on 4096 training windows' frames -> actions; about 12 min on 2 cores.
+PRESETS["perception_tiny"] = dict(PRESETS["tiny"], perception=True, planner="", vae="out/tiny/vae-robot/ckpt.pt", max_steps=1000, warmup_steps=50,
+                                  batch_start=64, batch_end=64, micro_batch=64, val_every=250, ckpt_every=250,
+                                  out_dir="out/tiny/perception", eval_json="")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,11 +166,10 @@ class FramesHead(nn.Module):
     linear map to the head's width. What a head of this size cannot get from the planner's perception, a plan made
     from it cannot carry either."""
 
-    def __init__(self, cfg: PolicyConfig, planner):
+    def __init__(self, cfg: PolicyConfig, pc: PlannerConfig):
         super().__init__()
-        pc = planner.cfg
         n_patches = (pc.image_size // pc.image_patch) ** 2
-        cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * n_patches + 2, latent_channels=cfg.dim)
+        cfg = dataclasses.replace(cfg, latent_tokens=len(LIBERO_VIEWS) * n_patches + 2, latent_channels=cfg.dim)
         self.image_in = nn.Linear(pc.image_dim, cfg.dim)
         self.task_in = nn.Linear(pc.text_dim, cfg.dim)
         self.step_in = nn.Linear(1, cfg.dim)
@@ -179,10 +185,64 @@ class FramesHead(nn.Module):
         return self.forward(features, task_emb, timestep) * self.head.action_std + self.head.action_mean
 
 
-@torch.no_grad()
-def frame_features(planner, image):
-    """The planner's image encoder on both start frames: image [B, V, 3, S, S] -> tokens [B, V * patches, image_dim]."""
-    return planner.image_encoder(image.flatten(0, 1)).unflatten(0, image.shape[:2]).flatten(1, 2)
+def frame_features(image_encoder, image):
+    """An image encoder (the planner's) on both start frames: image [B, V, 3, S, S] -> [B, V * patches, image_dim]."""
+    return image_encoder(image.flatten(0, 1)).unflatten(0, image.shape[:2]).flatten(1, 2)
+
+
+class Perception(nn.Module):
+    """policy.py --preset perception_tiny: what DINOv2's pre-training gives the paper's planner, for the tiny robot
+    path, which has no pretrained image encoder. The planner's image encoder (vae.ConvStandIn) learns, with a small
+    head, to regress the actions that follow a window's start frames (behaviour cloning from the frames, the task
+    and the timestep); planner.py --image_init then takes the encoder and keeps it locked, as it keeps DINOv2. The
+    head is dropped: the policy still reads only plans. The head is built like the planner: the action queries and
+    both frames' tokens in one sequence (vae.Block), the task and the timestep as cross-attended conditions, so that
+    every image token hears which block the task names. (policy.FramesHead, whose image tokens are only attended
+    to, left this encoder at the mean action for 400 steps; this head leaves it in 250.)"""
+
+    def __init__(self, cfg: PolicyConfig, pc: PlannerConfig):
+        super().__init__()
+        d, n_tokens = cfg.dim, len(LIBERO_VIEWS) * (pc.image_size // pc.image_patch) ** 2
+        self.encoder = ImageEncoder(pc, pretrained=False)   # (not `image_encoder`: train() would lock that one)
+        self.image_in = nn.Linear(pc.image_dim, d)
+        self.token_pos = nn.Parameter(torch.randn(n_tokens, d) * 0.02)   # view and patch of each image token
+        self.task_in = nn.Linear(pc.text_dim, d)
+        self.step_in = nn.Linear(1, d)
+        self.max_timestep = pc.max_timestep
+        self.queries = nn.Parameter(torch.randn(cfg.action_chunk, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, d, cfg.ffn_mult) for _ in range(cfg.layers))
+        self.out_norm = RMSNorm(d)
+        self.action_out = nn.Linear(d, cfg.action_dim)
+        nn.init.zeros_(self.action_out.weight)  # start at the mean action
+        nn.init.zeros_(self.action_out.bias)
+        self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
+        self.register_buffer("action_std", torch.ones(cfg.action_dim))
+
+    def forward(self, image, task_emb, timestep):
+        """image [B, V, 3, S, S], task_emb [B, text_dim], timestep [B] -> standardised actions [B, chunk, A]."""
+        step = (timestep.float() / self.max_timestep)[:, None, None]
+        conditions = torch.cat([self.task_in(task_emb)[:, None], self.step_in(step)], dim=1)
+        tokens = self.image_in(frame_features(self.encoder, image)) + self.token_pos
+        x = torch.cat([self.queries.expand(image.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x, None, conditions, None)
+        return self.action_out(self.out_norm(x[:, :len(self.queries)]))
+
+    def actions(self, image, task_emb, timestep):
+        return self.forward(image, task_emb, timestep) * self.action_std + self.action_mean
+
+
+def perception_planner_config(cfg, text_dim):
+    """The planner that Perception's encoder is for: planner.py's libero_tiny preset (image_encoder "conv") on the
+    VAE --vae, as planner.py builds it (its frames and image size are the VAE's)."""
+    from planner import config_for_vae
+    from vae import load_vae
+    if not os.path.isfile(cfg.vae):
+        raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train the robot VAE first with: "
+                         "python vae.py --preset tiny_robot")
+    pc = PlannerConfig(**{**PLANNER_PRESETS["libero_tiny"], "preset": "libero_tiny", "vae": cfg.vae,
+                          "text_dim": text_dim})
+    return config_for_vae(pc, load_vae(cfg.vae))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,12 +458,13 @@ def measure_action_stats(dataset, n):
 # Evaluation on held-out episodes
 
 
-def eval_windows(cfg, planner):
+def eval_windows(cfg, pc):
     """Held-out windows (the val split: demos that training never sees), one starting every eval_stride frames
-    (the val split's windows start every `window` frames; the head needs no tracks), with planner inputs and actions."""
+    (the val split's windows start every `window` frames; the head needs no tracks), with the inputs of a planner
+    of config pc and the actions."""
     import data
-    val_set = data.LiberoDataset(cfg.data, "val", n_frames=planner.cfg.n_frames, window=cfg.eval_stride, n_tracks=1,
-                                 image_size=planner.cfg.image_size, action_chunk=cfg.action_chunk, seed=cfg.seed)
+    val_set = data.LiberoDataset(cfg.data, "val", n_frames=pc.n_frames, window=cfg.eval_stride, n_tracks=1,
+                                 image_size=pc.image_size, action_chunk=cfg.action_chunk, seed=cfg.seed)
     items = [val_set[i] for i in range(min(cfg.val_clips or len(val_set), len(val_set)))]
     return dict(image=torch.stack([it["image"] for it in items]),
                 task_emb=torch.stack([it["task_emb"] for it in items]),
@@ -421,10 +482,16 @@ def action_mse(heads, planner, windows, cfg, batch_size=32):
         part = {k: v[first:first + batch_size] for k, v in windows.items()}
         part = {k: v.to(device) if torch.is_tensor(v) else v for k, v in part.items()}
         zs.append(plan(planner, part, cfg, seed_tag=1))
-    z, actions = torch.cat(zs), windows["actions"].to(device)
+    z = torch.cat(zs)
     mean = next(iter(heads.values())).action_mean
     predictions = {name: head.eval().to(device).actions(z) for name, head in heads.items()}
-    predictions["mean_action"] = mean.expand_as(actions)
+    return score_actions(predictions, mean, windows["actions"].to(device))
+
+
+def score_actions(predictions, mean, actions):
+    """{name: predicted actions [N, chunk, A]} and the mean training action [A] -> each one's MSE against actions
+    [N, chunk, A] in the data's units: overall, dims 0-1 and the gripper, beside the mean action's (mean_action)."""
+    predictions = dict(predictions, mean_action=mean.expand_as(actions))
     out = {}
     for name, pred in predictions.items():
         error = (pred - actions).pow(2).mean((0, 1))                   # per action dimension
@@ -450,7 +517,7 @@ def evaluate(cfg, planner):
     for path in filter(None, cfg.compare.split(",")):  # named by their folder, e.g. policy-shuffled
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
         heads[name if name not in heads else path] = load_head(path)
-    windows = eval_windows(cfg, planner)
+    windows = eval_windows(cfg, planner.cfg)
     results = action_mse(heads, planner, windows, cfg)
     print(f"action MSE on {len(windows['actions'])} held-out windows ({cfg.action_chunk} actions x {cfg.action_dim} "
           f"dims, data units):")
@@ -488,7 +555,8 @@ def dry_run(cfg):
         pcfg = dataclasses.replace(PlannerConfig(), preset=preset, **PLANNER_PRESETS[preset])
         source = f"planner.py --preset {preset} ({cfg.planner} does not exist)"
     with torch.device("meta"):
-        planner = MotionPlanner(dataclasses.replace(pcfg, image_encoder="random"), pretrained=False)
+        image_encoder = "conv" if pcfg.image_encoder == "conv" else "random"   # (nothing to download for a count)
+        planner = MotionPlanner(dataclasses.replace(pcfg, image_encoder=image_encoder), pretrained=False)
         cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
                                   latent_channels=pcfg.latent_channels)
         head = PolicyHead(cfg)
@@ -499,23 +567,58 @@ def dry_run(cfg):
     print(f"total parameters: {n_head + n_planner} (head + planner: {source}, {n_planner / 1e6:.2f}M)")
 
 
+def train_perception(cfg):
+    """--perception (--preset perception_tiny): Perception on pooled training windows, the L2 loss on the actions
+    (as the policy's); validation: its action MSE on the held-out windows against the mean action's."""
+    pc = perception_planner_config(cfg, 0)
+    base = training_windows(cfg, pc)
+    pc = dataclasses.replace(pc, text_dim=int(base[0]["task_emb"].shape[-1]))   # (MiniLM 384, BERT 768)
+    model = Perception(cfg, pc)
+    mean, std = measure_action_stats(base, cfg.norm_samples)
+    model.action_mean.copy_(mean)
+    model.action_std.copy_(std)
+    windows = eval_windows(cfg, pc)
+
+    def perception_loss(net, batch):  # (net: model or its DDP wrapper; the L2 loss in the data's units)
+        pred = net(batch["image"], batch["task_emb"], batch["timestep"]) * model.action_std + model.action_mean
+        return F.mse_loss(pred, batch["actions"]), {}
+
+    @torch.no_grad()
+    def validate(raw_model, step):
+        device = next(raw_model.parameters()).device
+        pred = torch.cat([raw_model.eval().actions(*(windows[k][i:i + 64].to(device)
+                                                     for k in ("image", "task_emb", "timestep")))
+                          for i in range(0, len(windows["actions"]), 64)])
+        out = score_actions({"perception": pred}, raw_model.action_mean, windows["actions"].to(device))
+        return dict(out, ratio=out["mean_action"] / out["perception"])
+    print(f"{cfg.data}: {len(base)} training windows (a pool of {cfg.latent_pool}), "
+          f"{len(windows['actions'])} held-out windows; image encoder {pc.image_encoder} at {pc.image_size} px")
+    train(cfg, model, PlannedWindows(base, cfg.latent_pool), perception_loss, "perception", validate)
+
+
+def training_windows(cfg, pc):
+    """The training split's windows of --data for a planner of config pc, with a message when --data is missing."""
+    import data
+    if not os.path.isdir(cfg.data):
+        raise SystemExit(f"--data {cfg.data}: no such folder of LIBERO demos; make synthetic ones with: "
+                         f"python data.py robot --out {cfg.data} --n 40 --seed 0")
+    return data.LiberoDataset(cfg.data, "train", n_frames=pc.n_frames, window=pc.window, n_tracks=1,
+                              image_size=pc.image_size, action_chunk=cfg.action_chunk, seed=cfg.seed)
+
+
 def main(argv=None):
     cfg = parse_config(PolicyConfig, PRESETS, argv)
     torch.manual_seed(cfg.seed)
     if cfg.dry_run:
         return dry_run(cfg)
+    if cfg.perception:
+        return train_perception(cfg)
     planner = frozen_planner(cfg.planner)
     cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
                               latent_channels=planner.cfg.latent_channels)
     if cfg.evaluate:
         return evaluate(cfg, planner)
-    import data
-    if not os.path.isdir(cfg.data):
-        raise SystemExit(f"--data {cfg.data}: no such folder of LIBERO demos; make synthetic ones with: "
-                         f"python data.py robot --out {cfg.data} --n 40 --seed 0")
-    base = data.LiberoDataset(cfg.data, "train", n_frames=planner.cfg.n_frames, window=planner.cfg.window,
-                              n_tracks=1, image_size=planner.cfg.image_size, action_chunk=cfg.action_chunk,
-                              seed=cfg.seed)
+    base = training_windows(cfg, planner.cfg)
     train_set = PlannedWindows(base, cfg.latent_pool, cfg.shuffle_latents, cfg.seed)
     head = PolicyHead(cfg)
     head.latent_shift.copy_(planner.latent_shift)
@@ -523,7 +626,7 @@ def main(argv=None):
     mean, std = measure_action_stats(base, cfg.norm_samples)
     head.action_mean.copy_(mean)
     head.action_std.copy_(std)
-    windows = eval_windows(cfg, planner)
+    windows = eval_windows(cfg, planner.cfg)
 
     def validate(raw_model, step):
         out = action_mse({"policy": raw_model}, planner, windows, cfg)

@@ -1,6 +1,7 @@
 """Tests of planner.py: the flow-matching formulas, the conditioning promises, the EMA, the checkpoint, a run."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -367,6 +368,11 @@ def test_libero_presets_lock_dinov2_and_size_the_text_transformer():
     assert abs(groups["text"] - 46e6) / 46e6 < 0.05  # DESIGN.md: the LIBERO text transformer, 46M
     tiny = PlannerConfig(**PRESETS["libero_tiny"])
     assert tiny.task == "libero" and tiny.freeze_image_encoder and tiny.out_dir == "out/tiny/planner-libero"
+    # its stand-in for DINOv2 is the CNN that policy.py --preset perception_tiny trains and writes
+    import policy
+    perception = policy.PolicyConfig(**policy.PRESETS["perception_tiny"])
+    assert tiny.image_encoder == "conv" and not tiny.image_from_vae and perception.perception
+    assert tiny.image_init == os.path.join(perception.out_dir, "ckpt.pt") and perception.vae == tiny.vae
 
 
 def micro_robot_demos(folder, n=4):
@@ -379,20 +385,29 @@ def micro_robot_demos(folder, n=4):
 
 
 def train_micro_libero_planner(tmp_path, steps=2):
-    """A micro VAE checkpoint and robot demos, then planner.main with --preset libero_tiny: returns their paths."""
+    """A micro VAE checkpoint and robot demos, the planner's image encoder (policy.py --preset perception_tiny),
+    then planner.main with --preset libero_tiny: returns their paths."""
+    import policy
     from test_vae import micro_config as vae_micro_config
     vcfg = vae_micro_config(n_enc=6, n_dec=6, synth_tracks=64)
     torch.manual_seed(0)
     vae.save_checkpoint(str(tmp_path / "vae.pt"), {"kind": "vae", "model": vae.TrackVAE(vcfg).state_dict(),
                                                    "config": dataclasses.asdict(vcfg)})
     demos = micro_robot_demos(tmp_path / "robot")
+    perception = tmp_path / "perception"
+    policy.main(["--preset=perception_tiny", f"--vae={tmp_path / 'vae.pt'}", f"--data={demos}",
+                 f"--out_dir={perception}", "--dim=32", "--layers=1", "--head_dim=16", "--latent_pool=8",
+                 "--norm_samples=8", "--max_steps=2", "--val_every=2", "--batch_start=4", "--batch_end=4",
+                 "--micro_batch=4", "--num_workers=0", "--val_clips=4", "--log_every=1", "--device=cpu"])
     out = tmp_path / "planner-libero"
     planner.main(["--preset=libero_tiny", f"--vae={tmp_path / 'vae.pt'}", f"--data={demos}", f"--out_dir={out}",
+                  f"--image_init={perception / 'ckpt.pt'}",
                   "--dim=32", "--layers=1", "--head_dim=16", "--time_dim=16", "--cond_dim=32", "--fourier_bands=8",
                   "--norm_samples=8", f"--max_steps={steps}", "--batch_start=4", "--batch_end=4", "--micro_batch=4",
                   "--num_workers=0", "--val_clips=2", "--val_k=2", "--val_steps=2", f"--val_every={steps}",
                   "--eval_tracks=4", "--log_every=1", "--device=cpu"])
-    return dict(vae=str(tmp_path / "vae.pt"), data=demos, planner=str(out / "ckpt.pt"), out=out)
+    return dict(vae=str(tmp_path / "vae.pt"), data=demos, planner=str(out / "ckpt.pt"), out=out,
+                perception=str(perception / "ckpt.pt"))
 
 
 def test_libero_planner_trains_on_robot_demos_and_reports_the_table_e_protocol(tmp_path):
@@ -402,10 +417,20 @@ def test_libero_planner_trains_on_robot_demos_and_reports_the_table_e_protocol(t
     assert ckpt["config"]["freeze_image_encoder"] and ckpt["config"]["n_frames"] == 8   # window 16 -> the VAE's 8
     model = load_planner(paths["planner"])
     assert model.n_views == 2 and "view_embed" in ckpt["ema"]["model"]
-    # DINOv2 locked: the image encoder still holds the VAE's weights after training
-    vae_state = torch.load(paths["vae"], weights_only=True)["model"]
+    # DINOv2's stand-in locked: the image encoder still holds the perception checkpoint's weights after training
+    assert isinstance(model.image_encoder.net, vae.ConvStandIn)
+    trained = torch.load(paths["perception"], weights_only=True)["model"]
     for name, tensor in model.image_encoder.state_dict().items():
-        assert torch.equal(tensor, vae_state[f"image_encoder.{name}"]), name
+        assert torch.equal(tensor, trained[f"encoder.{name}"]), name
+    assert " ratio " in (tmp_path / "perception" / "log.txt").read_text()   # its held-out action MSE vs the mean's
+    # an encoder that does not fit, a missing one, or two to start from: errors that name what to do
+    other = MotionPlanner(dataclasses.replace(model.cfg, image_dim=16), pretrained=False)
+    with pytest.raises(ValueError, match="--image_init .*image_dim 16"):
+        planner.load_image_encoder(other, paths["perception"])
+    with pytest.raises(SystemExit, match="python policy.py --preset perception_tiny"):
+        planner.load_image_encoder(model, str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="one only"):
+        planner.build_planner(dataclasses.replace(model.cfg, image_from_vae=True), None)
     log = (paths["out"] / "log.txt").read_text()
     for key in ("agentview_min", "agentview_static", "agentview_floor", "eye_in_hand_min", "eye_in_hand_no_frame",
                 "eye_in_hand_direction", "agentview_floor_direction"):

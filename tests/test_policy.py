@@ -78,11 +78,11 @@ def test_the_frames_control_reads_the_planners_inputs():
     from planner import MotionPlanner
     torch.manual_seed(0)
     planner = MotionPlanner(planner_config(task="libero", text_dim=12), pretrained=False).eval()
-    net = policy.FramesHead(micro_config(), planner)
+    net = policy.FramesHead(micro_config(), planner.cfg)
     for p in net.parameters():  # move the zero-initialised output layer off zero
         p.data += 0.05 * torch.randn_like(p)
     image, task, step = torch.randn(3, 2, 3, 28, 28), torch.randn(3, 12), torch.tensor([0, 40, 90])
-    features = policy.frame_features(planner, image)
+    features = policy.frame_features(planner.image_encoder, image)
     assert features.shape == (3, 2 * (28 // 14) ** 2, 32)
     assert torch.equal(features[:, :4], planner.image_encoder(image[:, 0]))       # view-major, as the planner's
     assert net.head.cfg.latent_tokens == 2 * 4 + 2

@@ -25,6 +25,36 @@ def micro_config(**overrides):
     return VAEConfig(**base)
 
 
+def test_the_conv_stand_in_learns_where_things_are():
+    """vae.ConvStandIn (image_encoder="conv"): tokens on DINOv2's patch grid, and, trained with a linear read-out,
+    it finds a bright square in a random image to within a fraction of the frame."""
+    torch.manual_seed(0)
+    cfg = micro_config(image_encoder="conv", image_dim=16)
+    encoder = vae.ImageEncoder(cfg)
+    assert isinstance(encoder.net, vae.ConvStandIn) and encoder.pos.shape == (4, 3)
+    read_out = torch.nn.Linear(4 * 16, 2)
+
+    def squares(n):  # noise, and a 6 px square of value 3 whose centre (x, y) in [-1, 1] is the target
+        corner = torch.randint(0, 28 - 6, (n, 2))
+        image = 0.3 * torch.randn(n, 3, 28, 28)
+        for i, (x, y) in enumerate(corner.tolist()):
+            image[i, :, y:y + 6, x:x + 6] = 3.0
+        return image, (corner + 2.5) / 13.5 - 1
+    assert encoder(squares(5)[0]).shape == (5, 4, 16)
+    params = [*encoder.parameters(), *read_out.parameters()]
+    opt = torch.optim.Adam(params, 3e-3)
+    for _ in range(60):
+        image, target = squares(32)
+        loss = F.mse_loss(read_out(encoder(image).flatten(1)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    image, target = squares(256)
+    with torch.no_grad():
+        error = F.mse_loss(read_out(encoder(image).flatten(1)), target).item()
+    assert error < 0.05 * target.var().item(), error   # (0.0008 after 100 steps; the variance is about 0.22)
+
+
 # ---------------------------------------------------------------------------------------------------- blocks
 
 @pytest.mark.parametrize("n_axes", [1, 2, 3])
