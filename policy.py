@@ -195,10 +195,11 @@ class Perception(nn.Module):
     path, which has no pretrained image encoder. The planner's image encoder (vae.ConvStandIn) learns, with a small
     head, to regress the actions that follow a window's start frames (behaviour cloning from the frames, the task
     and the timestep); planner.py --image_init then takes the encoder and keeps it locked, as it keeps DINOv2. The
-    head is dropped: the policy still reads only plans. The head is built like the planner: the action queries and
+    head is dropped: the policy still reads only plans. The head is built like the planner: a read-out token and
     both frames' tokens in one sequence (vae.Block), the task and the timestep as cross-attended conditions, so that
-    every image token hears which block the task names. (policy.FramesHead, whose image tokens are only attended
-    to, left this encoder at the mean action for 400 steps; this head leaves it in 250.)"""
+    every image token hears which block the task names; the read-out token's state -> the whole chunk. (With
+    FramesHead's 16 learned queries and zero-initialised output, the pretraining stayed at the mean action for 400
+    steps: README "LIBERO".)"""
 
     def __init__(self, cfg: PolicyConfig, pc: PlannerConfig):
         super().__init__()
@@ -209,12 +210,11 @@ class Perception(nn.Module):
         self.task_in = nn.Linear(pc.text_dim, d)
         self.step_in = nn.Linear(1, d)
         self.max_timestep = pc.max_timestep
-        self.queries = nn.Parameter(torch.randn(cfg.action_chunk, d) * 0.02)
+        self.read_out = nn.Parameter(torch.randn(1, d) * 0.02)
         self.blocks = nn.ModuleList(Block(d, cfg.head_dim, d, cfg.ffn_mult) for _ in range(cfg.layers))
         self.out_norm = RMSNorm(d)
-        self.action_out = nn.Linear(d, cfg.action_dim)
-        nn.init.zeros_(self.action_out.weight)  # start at the mean action
-        nn.init.zeros_(self.action_out.bias)
+        self.chunk_shape = (cfg.action_chunk, cfg.action_dim)
+        self.actions_out = nn.Linear(d, cfg.action_chunk * cfg.action_dim)
         self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
         self.register_buffer("action_std", torch.ones(cfg.action_dim))
 
@@ -223,10 +223,10 @@ class Perception(nn.Module):
         step = (timestep.float() / self.max_timestep)[:, None, None]
         conditions = torch.cat([self.task_in(task_emb)[:, None], self.step_in(step)], dim=1)
         tokens = self.image_in(frame_features(self.encoder, image)) + self.token_pos
-        x = torch.cat([self.queries.expand(image.shape[0], -1, -1), tokens], dim=1)
+        x = torch.cat([self.read_out.expand(image.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x, None, conditions, None)
-        return self.action_out(self.out_norm(x[:, :len(self.queries)]))
+        return self.actions_out(self.out_norm(x[:, 0])).unflatten(1, self.chunk_shape)
 
     def actions(self, image, task_emb, timestep):
         return self.forward(image, task_emb, timestep) * self.action_std + self.action_mean
