@@ -8,6 +8,7 @@ come from vae.py, the planner from planner.py.
 
     python data.py robot --out data/robot --n 640 --seed 0          # synthetic robot demos in ATM's LIBERO layout
     python vae.py --preset tiny_robot                                # the VAE on the robot tracks -> out/tiny/vae-robot/
+    python policy.py --preset perception_tiny                        # the planner's image encoder -> out/tiny/perception/
     python planner.py --preset libero_tiny                           # the LIBERO planner -> out/tiny/planner-libero/
     python policy.py                                                 # tiny head -> out/tiny/policy/ckpt.pt (+ plans.pt)
     python policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled --plans out/tiny/policy/plans.pt

@@ -93,6 +93,25 @@ def test_the_frames_control_reads_the_planners_inputs():
         assert not torch.allclose(changed, out, atol=1e-4)
 
 
+def test_perception_pretraining_reads_frames_task_and_timestep():
+    """policy.Perception (--preset perception_tiny): the conv stand-in's tokens of both frames in one sequence with
+    a read-out token; the chunk in the data's units; each of frames, task and timestep moves the actions, and only
+    the encoder is what the planner takes (its keys under `encoder.`)."""
+    from test_planner import micro_config as planner_config
+    torch.manual_seed(0)
+    pc = planner_config(task="libero", text_dim=12, image_encoder="conv")
+    net = policy.Perception(micro_config(), pc).eval()
+    net.action_mean.copy_(torch.arange(7.0))
+    net.action_std.fill_(2.0)
+    image, task, step = torch.randn(3, 2, 3, 28, 28), torch.randn(3, 12), torch.tensor([0, 40, 90])
+    out = net(image, task, step)
+    assert out.shape == (3, 4, 7) and torch.allclose(net.actions(image, task, step), out * 2 + torch.arange(7.0))
+    for changed in (net(image.flip(-1), task, step), net(image, -task, step), net(image, task, step + 50)):
+        assert not torch.allclose(changed, out, atol=1e-4)
+    encoder_keys = {k for k in net.state_dict() if k.startswith("encoder.")}
+    assert encoder_keys == {f"encoder.{k}" for k in vae.ImageEncoder(pc).state_dict()}
+
+
 def test_action_chunk_shapes_and_units():
     head = micro_head()
     head.action_mean.copy_(torch.arange(7.0))
