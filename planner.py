@@ -9,7 +9,7 @@ flow-matching time by adaptive RMSNorm. Blocks, training loop and checkpoints co
     python planner.py --preset paper --dry-run         # build the Table F model, print the parameter split
     torchrun --nproc_per_node=2 planner.py --vae out/tiny/vae/ckpt.pt --micro_batch=16
     python planner.py --preset libero_tiny             # LIBERO (Sec. A): data/robot demos -> out/tiny/planner-libero/
-                                                       # (its image encoder: python policy.py --preset perception_tiny)
+    python planner.py --preset libero_tiny_conv        # the same through a trained CNN (python policy.py --preset perception_tiny)
     python planner.py --preset libero --dry-run        # the paper's LIBERO variant (6-layer text transformer)
 
 Time convention (rectified flow): t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t noise, and the network
@@ -53,7 +53,7 @@ class PlannerConfig:
     unfreeze_image_encoder_at: int = -1
     image_from_vae: bool = False       # start the image encoder from the VAE's (the tiny preset: no pretrained DINOv2)
     image_init: str = ""               # or from a trained stand-in: a perception checkpoint (policy.py --preset
-                                       # perception_tiny; the tiny LIBERO planner's, "Which image encoder" below)
+                                       # perception_tiny, for --preset libero_tiny_conv: "Which image encoder" below)
     # transformer (Table F)
     dim: int = 1024
     layers: int = 24
@@ -132,16 +132,17 @@ PRESETS["libero"] = dict(task="libero", data="data/libero", text_dim=768, text_l
                          out_dir="out/paper/planner-libero")
 # The tiny LIBERO planner plans in a tiny VAE trained on the robot task's tracks (vae.py --preset tiny_robot; why:
 # "Which VAE" below). Two views double the tokens of a step: batch 16 keeps a step near the open tiny planner's time.
-# Which image encoder: the paper's planner sees through DINOv2, locked. Its tiny stand-ins do not see this task: a head
-# of the policy's size reading a locked random ViT/14's tokens of both frames regresses the actions that follow only
-# 2.1-2.3x better than their mean, 1.7x from the robot VAE's trained one, and a planner on either plans at chance
-# direction (README "LIBERO"). So the tiny LIBERO planner's encoder is a small CNN (vae.ConvStandIn), trained first
-# on the demos' frames -> actions (policy.py --preset perception_tiny), then locked here like DINOv2.
 PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
-                              image_encoder="conv", image_from_vae=False, image_init="out/tiny/perception/ckpt.pt",
                               text_layers=1, freeze_image_encoder=True, max_steps=3000, batch_start=16, batch_end=16,
                               micro_batch=16, log_every=100, val_every=3000, ckpt_every=250,
                               out_dir="out/tiny/planner-libero")
+# Which image encoder: the paper's planner sees through DINOv2, locked; libero_tiny through the robot VAE's random
+# ViT/14 stand-in, from which a head of the policy's size gets the actions only 1.7x better than their mean. This
+# variant sees through a small CNN (vae.ConvStandIn) trained first on the demos' frames -> actions (policy.py
+# --preset perception_tiny: 4.9x), then locked like DINOv2. Its plans are no better for the policy yet (README
+# "LIBERO"), so libero_tiny keeps the VAE's encoder.
+PRESETS["libero_tiny_conv"] = dict(PRESETS["libero_tiny"], image_encoder="conv", image_from_vae=False,
+                                   image_init="out/tiny/perception/ckpt.pt", out_dir="out/tiny/planner-libero-conv")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ come from vae.py, the planner from planner.py.
 
     python data.py robot --out data/robot --n 640 --seed 0          # synthetic robot demos in ATM's LIBERO layout
     python vae.py --preset tiny_robot                                # the VAE on the robot tracks -> out/tiny/vae-robot/
-    python policy.py --preset perception_tiny                        # the planner's image encoder -> out/tiny/perception/
+    python policy.py --preset perception_tiny                        # (planner.py --preset libero_tiny_conv's image encoder)
     python planner.py --preset libero_tiny                           # the LIBERO planner -> out/tiny/planner-libero/
     python policy.py                                                 # tiny head -> out/tiny/policy/ckpt.pt (+ plans.pt)
     python policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled --plans out/tiny/policy/plans.pt
@@ -109,7 +109,7 @@ PRESETS = {
         decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=2000,
         ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy", eval_json="out/tiny/eval/policy.json"),
 }
-# The tiny LIBERO planner's image encoder, before the planner exists (Perception): the conv stand-in and a head of
+# The image encoder of planner.py --preset libero_tiny_conv, before that planner exists (Perception): the conv stand-in and a head of
 # the tiny policy's size, trained together on 4096 training windows' frames -> actions; about 12 min on 2 cores.
 PRESETS["perception_tiny"] = dict(PRESETS["tiny"], perception=True, planner="", vae="out/tiny/vae-robot/ckpt.pt", max_steps=1000, warmup_steps=50,
                                   batch_start=64, batch_end=64, micro_batch=64, val_every=250, ckpt_every=250,
@@ -234,14 +234,14 @@ class Perception(nn.Module):
 
 
 def perception_planner_config(cfg, text_dim):
-    """The planner that Perception's encoder is for: planner.py's libero_tiny preset (image_encoder "conv") on the
-    VAE --vae, as planner.py builds it (its frames and image size are the VAE's)."""
+    """The planner that Perception's encoder is for: planner.py's libero_tiny_conv preset (image_encoder "conv") on
+    the VAE --vae, as planner.py builds it (its frames and image size are the VAE's)."""
     from planner import config_for_vae
     from vae import load_vae
     if not os.path.isfile(cfg.vae):
         raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train the robot VAE first with: "
                          "python vae.py --preset tiny_robot")
-    pc = PlannerConfig(**{**PLANNER_PRESETS["libero_tiny"], "preset": "libero_tiny", "vae": cfg.vae,
+    pc = PlannerConfig(**{**PLANNER_PRESETS["libero_tiny_conv"], "preset": "libero_tiny_conv", "vae": cfg.vae,
                           "text_dim": text_dim})
     return config_for_vae(pc, load_vae(cfg.vae))
 

@@ -368,11 +368,13 @@ def test_libero_presets_lock_dinov2_and_size_the_text_transformer():
     assert abs(groups["text"] - 46e6) / 46e6 < 0.05  # DESIGN.md: the LIBERO text transformer, 46M
     tiny = PlannerConfig(**PRESETS["libero_tiny"])
     assert tiny.task == "libero" and tiny.freeze_image_encoder and tiny.out_dir == "out/tiny/planner-libero"
-    # its stand-in for DINOv2 is the CNN that policy.py --preset perception_tiny trains and writes
+    assert tiny.image_from_vae and not tiny.image_init          # (tiny: the robot VAE's stand-in, locked)
+    # libero_tiny_conv's stand-in for DINOv2 is the CNN that policy.py --preset perception_tiny trains and writes
     import policy
+    conv = PlannerConfig(**PRESETS["libero_tiny_conv"])
     perception = policy.PolicyConfig(**policy.PRESETS["perception_tiny"])
-    assert tiny.image_encoder == "conv" and not tiny.image_from_vae and perception.perception
-    assert tiny.image_init == os.path.join(perception.out_dir, "ckpt.pt") and perception.vae == tiny.vae
+    assert conv.image_encoder == "conv" and not conv.image_from_vae and conv.freeze_image_encoder
+    assert conv.image_init == os.path.join(perception.out_dir, "ckpt.pt") and perception.vae == conv.vae
 
 
 def micro_robot_demos(folder, n=4):
@@ -386,7 +388,7 @@ def micro_robot_demos(folder, n=4):
 
 def train_micro_libero_planner(tmp_path, steps=2):
     """A micro VAE checkpoint and robot demos, the planner's image encoder (policy.py --preset perception_tiny),
-    then planner.main with --preset libero_tiny: returns their paths."""
+    then planner.main with --preset libero_tiny_conv: returns their paths."""
     import policy
     from test_vae import micro_config as vae_micro_config
     vcfg = vae_micro_config(n_enc=6, n_dec=6, synth_tracks=64)
@@ -400,7 +402,7 @@ def train_micro_libero_planner(tmp_path, steps=2):
                  "--norm_samples=8", "--max_steps=2", "--val_every=2", "--batch_start=4", "--batch_end=4",
                  "--micro_batch=4", "--num_workers=0", "--val_clips=4", "--log_every=1", "--device=cpu"])
     out = tmp_path / "planner-libero"
-    planner.main(["--preset=libero_tiny", f"--vae={tmp_path / 'vae.pt'}", f"--data={demos}", f"--out_dir={out}",
+    planner.main(["--preset=libero_tiny_conv", f"--vae={tmp_path / 'vae.pt'}", f"--data={demos}", f"--out_dir={out}",
                   f"--image_init={perception / 'ckpt.pt'}",
                   "--dim=32", "--layers=1", "--head_dim=16", "--time_dim=16", "--cond_dim=32", "--fourier_bands=8",
                   "--norm_samples=8", f"--max_steps={steps}", "--batch_start=4", "--batch_end=4", "--micro_batch=4",

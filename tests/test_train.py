@@ -230,14 +230,9 @@ def test_train_ddp_sh_tiny_libero_stages_plan_in_the_robot_vae():
     assert robot.returncode == 0, robot.stderr
     assert "vae.py --preset=tiny_robot --out_dir=out/tiny/vae-robot" in robot.stdout
     libero = run("bash", "train_ddp.sh", "planner-libero", env=env)
-    assert "planner.py --preset=libero_tiny --out_dir=out/tiny/planner-libero --vae=out/tiny/vae-robot/ckpt.pt " \
-           "--image_init=out/tiny/perception/ckpt.pt" in libero.stdout
-    perception = run("bash", "train_ddp.sh", "perception", env=env)
-    assert "policy.py --preset=perception_tiny --out_dir=out/tiny/perception --vae=out/tiny/vae-robot/ckpt.pt" \
-        in perception.stdout
+    assert "planner.py --preset=libero_tiny --out_dir=out/tiny/planner-libero --vae=out/tiny/vae-robot/ckpt.pt" \
+        in libero.stdout
     paper = run("bash", "train_ddp.sh", "planner-libero", env=dict(env, PRESET="paper"))
     assert "--vae=out/paper/vae/ckpt.pt" in paper.stdout
     refused = run("bash", "train_ddp.sh", "vae-robot", env=dict(env, PRESET="paper"))
     assert refused.returncode == 2 and "general VAE" in refused.stderr
-    refused = run("bash", "train_ddp.sh", "perception", env=dict(env, PRESET="paper"))
-    assert refused.returncode == 2 and "pretrained DINOv2" in refused.stderr
