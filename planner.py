@@ -9,7 +9,7 @@ flow-matching time by adaptive RMSNorm. Blocks, training loop and checkpoints co
     python planner.py --preset paper --dry-run         # build the Table F model, print the parameter split
     torchrun --nproc_per_node=2 planner.py --vae out/tiny/vae/ckpt.pt --micro_batch=16
     python planner.py --preset libero_tiny             # LIBERO (Sec. A): data/robot demos -> out/tiny/planner-libero/
-    python planner.py --preset libero_tiny_conv        # the same through a trained CNN (python policy.py --preset perception_tiny)
+    python planner.py --preset libero_tiny_conv        # through a trained CNN (policy.py --preset perception_tiny)
     python planner.py --preset libero --dry-run        # the paper's LIBERO variant (6-layer text transformer)
 
 Time convention (rectified flow): t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t noise, and the network

@@ -8,7 +8,7 @@ come from vae.py, the planner from planner.py.
 
     python data.py robot --out data/robot --n 640 --seed 0          # synthetic robot demos in ATM's LIBERO layout
     python vae.py --preset tiny_robot                                # the VAE on the robot tracks -> out/tiny/vae-robot/
-    python policy.py --preset perception_tiny                        # (planner.py --preset libero_tiny_conv's image encoder)
+    python policy.py --preset perception_tiny                        # variant: libero_tiny_conv's image encoder
     python planner.py --preset libero_tiny                           # the LIBERO planner -> out/tiny/planner-libero/
     python policy.py                                                 # tiny head -> out/tiny/policy/ckpt.pt (+ plans.pt)
     python policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled --plans out/tiny/policy/plans.pt
@@ -56,7 +56,7 @@ class PolicyConfig:
     action_dim: int = 7                # LIBERO: end-effector delta (6) + gripper (1)
     action_chunk: int = 16             # future actions per plan (ours: the 16-frame window the planner covers)
     plan_steps: int = 10               # Euler steps of the planner for every plan, in training and rollouts (Sec. A)
-    perception: bool = False           # train the tiny planner's image stand-in instead (Perception): --preset perception_tiny
+    perception: bool = False           # train libero_tiny_conv's image encoder instead (Perception)
     vae: str = ""                      # perception: the VAE that planner will plan in (its frames and image size)
     shuffle_latents: bool = False      # the control: each window learns from the latents of another episode's window
     latent_pool: int = 0               # > 0: cycle through this many training windows and cache their plans (a plan's
@@ -109,11 +109,12 @@ PRESETS = {
         decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=2000,
         ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy", eval_json="out/tiny/eval/policy.json"),
 }
-# The image encoder of planner.py --preset libero_tiny_conv, before that planner exists (Perception): the conv stand-in and a head of
-# the tiny policy's size, trained together on 4096 training windows' frames -> actions; about 12 min on 2 cores.
-PRESETS["perception_tiny"] = dict(PRESETS["tiny"], perception=True, planner="", vae="out/tiny/vae-robot/ckpt.pt", max_steps=1000, warmup_steps=50,
-                                  batch_start=64, batch_end=64, micro_batch=64, val_every=250, ckpt_every=250,
-                                  out_dir="out/tiny/perception", eval_json="")
+# The image encoder of planner.py --preset libero_tiny_conv, before that planner exists (Perception): the conv
+# stand-in and a head of the tiny policy's width, trained together on 4096 training windows' frames -> actions;
+# 18 min on 2 cores.
+PRESETS["perception_tiny"] = dict(PRESETS["tiny"], perception=True, planner="", vae="out/tiny/vae-robot/ckpt.pt",
+                                  max_steps=1000, warmup_steps=50, batch_start=64, batch_end=64, micro_batch=64,
+                                  val_every=250, ckpt_every=250, out_dir="out/tiny/perception", eval_json="")
 
 
 # ----------------------------------------------------------------------------------------------------

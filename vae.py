@@ -285,7 +285,7 @@ def frame_times(T, device=None):
 class ConvStandIn(nn.Module):
     """image_encoder="conv": a stand-in for DINOv2 where no pretrained one exists and a random ViT/14 sees too
     little (the tiny robot path, README "LIBERO": a head on a locked random ViT/14's tokens of this task's frames
-    predicts the actions 1.7-2.3x better than their mean, one on this CNN's, trained with it, 3.4x). Four 3x3
+    predicts the actions 1.7-2.3x better than their mean, one on this CNN's, trained with it, 4.9x). Four 3x3
     convolutions over RGB and two (y, x) coordinate channels (so a token knows where in the frame it looks),
     strides 2, 2, 2, 1, average-pooled to DINOv2's patch grid: [B, 3, S, S] -> [B, (S / patch)^2, image_dim]. Being
     no pretrained network, it must be trained before it is locked (policy.py --preset perception_tiny)."""
