@@ -9,7 +9,7 @@ flow-matching time by adaptive RMSNorm. Blocks, training loop and checkpoints co
     python planner.py --preset paper --dry-run         # build the Table F model, print the parameter split
     torchrun --nproc_per_node=2 planner.py --vae out/tiny/vae/ckpt.pt --micro_batch=16
     python planner.py --preset libero_tiny             # LIBERO (Sec. A): data/robot demos -> out/tiny/planner-libero/
-    python planner.py --preset libero_tiny_conv        # through a trained CNN (policy.py --preset perception_tiny)
+                                                       # (first: python policy.py --preset perception_tiny)
     python planner.py --preset libero --dry-run        # the paper's LIBERO variant (6-layer text transformer)
 
 Time convention (rectified flow): t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t noise, and the network
@@ -53,7 +53,7 @@ class PlannerConfig:
     unfreeze_image_encoder_at: int = -1
     image_from_vae: bool = False       # start the image encoder from the VAE's (the tiny preset: no pretrained DINOv2)
     image_init: str = ""               # or from a trained stand-in: a perception checkpoint (policy.py --preset
-                                       # perception_tiny, for --preset libero_tiny_conv: "Which image encoder" below)
+                                       # perception_tiny, for --preset libero_tiny: "Which image encoder" below)
     # transformer (Table F)
     dim: int = 1024
     layers: int = 24
@@ -64,6 +64,10 @@ class PlannerConfig:
     rope_3d: bool = False              # the release's variant: (t, y, x) with image tokens at t = -1
     rope_max_freq: float = 40 * math.pi
     fourier_bands: int = 32
+    time_shift: float = 1.0            # training times t shifted towards the noise (training_time; 1 = the paper's
+                                       # logit-normal). The tiny LIBERO planner: a plan's direction is decided in
+                                       # the first Euler step (t = 1 -> 0.9), which logit-normal draws 1.4% of
+                                       # the time: README "LIBERO"
     # conditions
     cond: str = "both"                 # pokes | text | both: what a training sample may be given
     max_pokes: int = 16                # poke slots (the dense variant: 40)
@@ -132,17 +136,18 @@ PRESETS["libero"] = dict(task="libero", data="data/libero", text_dim=768, text_l
                          out_dir="out/paper/planner-libero")
 # The tiny LIBERO planner plans in a tiny VAE trained on the robot task's tracks (vae.py --preset tiny_robot; why:
 # "Which VAE" below). Two views double the tokens of a step: batch 16 keeps a step near the open tiny planner's time.
+# Which image encoder: the paper's planner sees through DINOv2, pretrained and locked. The tiny path has none, so it
+# sees through a small CNN (vae.ConvStandIn) trained first on the demos' frames -> actions (policy.py --preset
+# perception_tiny), then locked like DINOv2. time_shift 4: see PlannerConfig (README "LIBERO" has the numbers).
 PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
-                              text_layers=1, freeze_image_encoder=True, max_steps=3000, batch_start=16, batch_end=16,
-                              micro_batch=16, log_every=100, val_every=3000, ckpt_every=250,
-                              out_dir="out/tiny/planner-libero")
-# Which image encoder: the paper's planner sees through DINOv2, locked; libero_tiny through the robot VAE's random
-# ViT/14 stand-in, from which a head of the policy's size gets the actions only 1.7x better than their mean. This
-# variant sees through a small CNN (vae.ConvStandIn) trained first on the demos' frames -> actions (policy.py
-# --preset perception_tiny: 4.9x), then locked like DINOv2. Its plans are no better for the policy yet (README
-# "LIBERO"), so libero_tiny keeps the VAE's encoder.
-PRESETS["libero_tiny_conv"] = dict(PRESETS["libero_tiny"], image_encoder="conv", image_from_vae=False,
-                                   image_init="out/tiny/perception/ckpt.pt", out_dir="out/tiny/planner-libero-conv")
+                              image_encoder="conv", image_from_vae=False, image_init="out/tiny/perception/ckpt.pt",
+                              time_shift=4.0, text_layers=1, freeze_image_encoder=True, max_steps=3000,
+                              batch_start=16, batch_end=16, micro_batch=16, log_every=100, val_every=3000,
+                              ckpt_every=250, out_dir="out/tiny/planner-libero")
+# The first tiny LIBERO planner, for the README's history: the robot VAE's random ViT/14 stand-in (locked; a head
+# reading its tokens gets the actions only 1.7x better than their mean) and the paper's logit-normal time.
+PRESETS["libero_tiny_vit"] = dict(PRESETS["libero_tiny"], image_encoder="random", image_from_vae=True, image_init="",
+                                  time_shift=1.0, out_dir="out/tiny/planner-libero-vit")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,10 +156,18 @@ PRESETS["libero_tiny_conv"] = dict(PRESETS["libero_tiny"], image_encoder="conv",
 
 def flow_matching_loss(velocity_fn, x0, noise, t):
     """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0, loss = mean squared error.
-    t [B] in (0, 1); in training t = sigmoid(randn) (logit-normal)."""
+    t [B] in (0, 1); in training t = training_time(rng, time_shift)."""
     tb = t.view(-1, *[1] * (x0.dim() - 1))
     x_t = (1 - tb) * x0 + tb * noise
     return F.mse_loss(velocity_fn(x_t, t), noise - x0)
+
+
+def training_time(rng, shift=1.0):
+    """Flow-matching times of a batch: u = sigmoid(n), n ~ N(0, 1) (logit-normal, the paper's), then
+    t = shift u / (1 + (shift - 1) u), SD3's time shift (Esser et al. 2024), which moves the median from 1/2 to
+    shift / (shift + 1). shift = 1 is the paper's. Why the tiny LIBERO planner shifts: see time_shift."""
+    u = torch.sigmoid(rng.randn())
+    return shift * u / (1 + (shift - 1) * u)
 
 
 @torch.no_grad()
@@ -580,7 +593,7 @@ def make_planner_loss(planner, vae, cfg):
             x0 = planner.normalise(vae.encode(image, tracks[:, :vae.cfg.n_enc])[0].float())
         pokes, poke_mask, text = training_conditions(tracks, batch["text"], cfg, rng)
         noise = rng.randn(*x0.shape[1:])
-        t = torch.sigmoid(rng.randn())  # logit-normal time
+        t = training_time(rng, cfg.time_shift)
         loss = flow_matching_loss(lambda x, tt: net(x, tt, image, pokes, poke_mask, text), x0, noise, t)
         return loss, {}
     return planner_loss
@@ -682,7 +695,7 @@ def make_libero_loss(planner, vae, cfg):
         sigma = (rng.rand() * cfg.image_noise).view(B, 1, 1, 1, 1)
         noisy = image + sigma * rng.randn(*image.shape[1:])
         noise = rng.randn(*x0.shape[1:])
-        t = torch.sigmoid(rng.randn())
+        t = training_time(rng, cfg.time_shift)
         loss = flow_matching_loss(lambda x, tt: net(x, tt, noisy, task_emb=batch["task_emb"],
                                                     timestep=batch["timestep"], image_mask=keep), x0, noise, t)
         return loss, {}
@@ -814,7 +827,8 @@ def main(argv=None):
         print(f"total parameters: {sum(p.numel() for p in model.parameters())}")
         return
     if not os.path.isfile(cfg.vae):
-        preset = {"libero": "paper", "libero_tiny": "tiny_robot"}.get(cfg.preset, cfg.preset)
+        preset = {"libero": "paper", "libero_tiny": "tiny_robot", "libero_tiny_vit": "tiny_robot"}.get(cfg.preset,
+                                                                                                       cfg.preset)
         raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train one first with: python vae.py --preset {preset}")
     vae = load_vae(cfg.vae)
     cfg = config_for_vae(cfg, vae)

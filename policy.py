@@ -8,7 +8,7 @@ come from vae.py, the planner from planner.py.
 
     python data.py robot --out data/robot --n 640 --seed 0          # synthetic robot demos in ATM's LIBERO layout
     python vae.py --preset tiny_robot                                # the VAE on the robot tracks -> out/tiny/vae-robot/
-    python policy.py --preset perception_tiny                        # variant: libero_tiny_conv's image encoder
+    python policy.py --preset perception_tiny                        # the tiny planner's image encoder (a CNN)
     python planner.py --preset libero_tiny                           # the LIBERO planner -> out/tiny/planner-libero/
     python policy.py                                                 # tiny head -> out/tiny/policy/ckpt.pt (+ plans.pt)
     python policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled --plans out/tiny/policy/plans.pt
@@ -56,7 +56,7 @@ class PolicyConfig:
     action_dim: int = 7                # LIBERO: end-effector delta (6) + gripper (1)
     action_chunk: int = 16             # future actions per plan (ours: the 16-frame window the planner covers)
     plan_steps: int = 10               # Euler steps of the planner for every plan, in training and rollouts (Sec. A)
-    perception: bool = False           # train libero_tiny_conv's image encoder instead (Perception)
+    perception: bool = False           # train the libero_tiny planner's image encoder instead (Perception)
     vae: str = ""                      # perception: the VAE that planner will plan in (its frames and image size)
     shuffle_latents: bool = False      # the control: each window learns from the latents of another episode's window
     latent_pool: int = 0               # > 0: cycle through this many training windows and cache their plans (a plan's
@@ -109,7 +109,7 @@ PRESETS = {
         decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=2000,
         ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy", eval_json="out/tiny/eval/policy.json"),
 }
-# The image encoder of planner.py --preset libero_tiny_conv, before that planner exists (Perception): the conv
+# The image encoder of planner.py --preset libero_tiny, before that planner exists (Perception): the conv
 # stand-in and a head of the tiny policy's width, trained together on 4096 training windows' frames -> actions;
 # 18 min on 2 cores.
 PRESETS["perception_tiny"] = dict(PRESETS["tiny"], perception=True, planner="", vae="out/tiny/vae-robot/ckpt.pt",
@@ -235,14 +235,14 @@ class Perception(nn.Module):
 
 
 def perception_planner_config(cfg, text_dim):
-    """The planner that Perception's encoder is for: planner.py's libero_tiny_conv preset (image_encoder "conv") on
+    """The planner that Perception's encoder is for: planner.py's libero_tiny preset (image_encoder "conv") on
     the VAE --vae, as planner.py builds it (its frames and image size are the VAE's)."""
     from planner import config_for_vae
     from vae import load_vae
     if not os.path.isfile(cfg.vae):
         raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train the robot VAE first with: "
                          "python vae.py --preset tiny_robot")
-    pc = PlannerConfig(**{**PLANNER_PRESETS["libero_tiny_conv"], "preset": "libero_tiny_conv", "vae": cfg.vae,
+    pc = PlannerConfig(**{**PLANNER_PRESETS["libero_tiny"], "preset": "libero_tiny", "vae": cfg.vae,
                           "text_dim": text_dim})
     return config_for_vae(pc, load_vae(cfg.vae))
 
@@ -329,6 +329,7 @@ def frozen_planner(path, device="cpu"):
         raise SystemExit(f"--planner {path}: no such checkpoint. Make the data and a LIBERO planner first:\n"
                          "  python data.py robot --out data/robot --n 640 --seed 0\n"
                          "  python vae.py --preset tiny_robot             (the paper's: its general VAE)\n"
+                         "  python policy.py --preset perception_tiny     (the tiny path's image encoder)\n"
                          "  python planner.py --preset libero_tiny        (or --preset libero for the paper's)")
     planner = load_planner(path, device)
     if planner.cfg.task != "libero":

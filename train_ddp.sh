@@ -5,6 +5,7 @@
 #   bash train_ddp.sh vae [args...]        # one stage through torchrun; args go to the stage's script
 #   bash train_ddp.sh planner [args...]
 #   bash train_ddp.sh vae-robot [args...]        # tiny LIBERO path: the VAE on the robot task's tracks (planner.py, "Which VAE")
+#   bash train_ddp.sh perception [args...]       # tiny LIBERO path: the CNN that stands in for DINOv2 (planner.py, "Which image encoder")
 #   bash train_ddp.sh planner-libero [args...]   # LIBERO (Sec. A): needs robot demos, python data.py robot --out data/robot
 #   bash train_ddp.sh policy [args...]           # the action head on the LIBERO planner's latents
 #
@@ -104,17 +105,28 @@ stage() {  # stage vae|planner|policy [args...]: torchrun the stage's script on 
             [[ $PRESET == tiny ]] || { echo "train_ddp.sh: vae-robot is the tiny preset's; PRESET=$PRESET plans" \
                                             "LIBERO in its general VAE ($OUT/vae)" >&2; exit 2; }
             script=vae.py preset=tiny_robot ;;
-        planner-libero)  # Sec. A: the LIBERO planner (tiny: in the robot VAE's latent space; paper: the general VAE's)
+        perception)  # tiny: the CNN image encoder trained on the demos' actions; at paper scale DINOv2 is pretrained
+            [[ $PRESET == tiny ]] || { echo "train_ddp.sh: perception is the tiny preset's; PRESET=$PRESET sees" \
+                                            "through the pretrained DINOv2" >&2; exit 2; }
+            need "$OUT/vae-robot/ckpt.pt" "bash train_ddp.sh vae-robot"
+            script=policy.py preset=perception_tiny
+            inputs=(--vae="$OUT/vae-robot/ckpt.pt") ;;
+        planner-libero)  # Sec. A: the LIBERO planner (tiny: in the robot VAE's latent space, through the trained CNN;
+                         # paper: the general VAE's, through DINOv2)
             local vae=$OUT/vae/ckpt.pt make="bash train_ddp.sh vae"
             [[ $PRESET != tiny ]] || { vae=$OUT/vae-robot/ckpt.pt; make="bash train_ddp.sh vae-robot"; }
             need "$vae" "$make"
             script=planner.py
             case $PRESET in paper) preset=libero ;; tiny) preset=libero_tiny ;; esac
-            inputs=(--vae="$vae") ;;
+            inputs=(--vae="$vae")
+            if [[ $PRESET == tiny ]]; then
+                need "$OUT/perception/ckpt.pt" "bash train_ddp.sh perception"
+                inputs+=(--image_init="$OUT/perception/ckpt.pt")
+            fi ;;
         policy)
             need "$OUT/planner-libero/ckpt.pt" "bash train_ddp.sh planner-libero"
             inputs=(--planner="$OUT/planner-libero/ckpt.pt") ;;
-        *) echo "train_ddp.sh: unknown stage '$name' (vae, planner, vae-robot, planner-libero, policy; none = the pipeline)" >&2
+        *) echo "train_ddp.sh: unknown stage '$name' (vae, planner, vae-robot, perception, planner-libero, policy; none = the pipeline)" >&2
            exit 2 ;;
     esac
     [[ -z $DATA ]] || inputs+=(--data="$DATA")

@@ -59,6 +59,22 @@ def test_euler_sampler_converges_to_an_analytic_ode_solution_at_first_order():
     assert 8 < errors[0] / errors[1] < 12 and 8 < errors[1] / errors[2] < 12  # first order: error ~ 1 / steps
 
 
+def test_training_time_is_the_paper_logit_normal_unshifted_and_moves_its_median_when_shifted():
+    # shift 1 is sigmoid(randn) exactly (the same draws); shift s maps the median 1/2 to s / (s + 1) and, being
+    # monotone, the quantile P(t > 0.9) to P(n > logit(0.9 / (s - (s - 1) 0.9))) of the standard normal n.
+    index = list(range(20000))
+    base = torch.sigmoid(SampleRandom(index, 3).randn())
+    assert torch.equal(planner.training_time(SampleRandom(index, 3), 1.0), base)
+    for s in (2.0, 4.0):
+        t = planner.training_time(SampleRandom(index, 3), s)
+        assert 0 < t.min() and t.max() < 1
+        assert abs(t.median().item() - s / (s + 1)) < 0.01
+        u = 0.9 / (s - (s - 1) * 0.9)                           # the u that shift s maps to t = 0.9
+        expected = 0.5 * math.erfc(math.log(u / (1 - u)) / math.sqrt(2))
+        assert abs((t > 0.9).float().mean().item() - expected) < 0.01
+    assert (base > 0.9).float().mean() < 0.02                    # the paper's: 1.4% of the draws in the first step
+
+
 def test_the_guide_hook_rewrites_the_euler_step_without_changing_it():
     # x_next = (1 - t_next) x0_hat + t_next eps_hat is the Euler step, so an identity guide changes nothing; the last
     # step has t_next = 0, so the sample is the guide's last output.
@@ -366,15 +382,17 @@ def test_libero_presets_lock_dinov2_and_size_the_text_transformer():
         model = MotionPlanner(dataclasses.replace(paper, image_encoder="random"), pretrained=False)
     groups = planner.planner_parameter_groups(model)
     assert abs(groups["text"] - 46e6) / 46e6 < 0.05  # DESIGN.md: the LIBERO text transformer, 46M
-    tiny = PlannerConfig(**PRESETS["libero_tiny"])
-    assert tiny.task == "libero" and tiny.freeze_image_encoder and tiny.out_dir == "out/tiny/planner-libero"
-    assert tiny.image_from_vae and not tiny.image_init          # (tiny: the robot VAE's stand-in, locked)
-    # libero_tiny_conv's stand-in for DINOv2 is the CNN that policy.py --preset perception_tiny trains and writes
+    # the tiny planner's stand-in for DINOv2 is the CNN that policy.py --preset perception_tiny trains and writes,
+    # locked; its flow-matching times are shifted towards the noise (the paper's are not)
     import policy
-    conv = PlannerConfig(**PRESETS["libero_tiny_conv"])
+    tiny = PlannerConfig(**PRESETS["libero_tiny"])
     perception = policy.PolicyConfig(**policy.PRESETS["perception_tiny"])
-    assert conv.image_encoder == "conv" and not conv.image_from_vae and conv.freeze_image_encoder
-    assert conv.image_init == os.path.join(perception.out_dir, "ckpt.pt") and perception.vae == conv.vae
+    assert tiny.task == "libero" and tiny.freeze_image_encoder and tiny.out_dir == "out/tiny/planner-libero"
+    assert tiny.image_encoder == "conv" and not tiny.image_from_vae
+    assert tiny.image_init == os.path.join(perception.out_dir, "ckpt.pt") and perception.vae == tiny.vae
+    assert paper.time_shift == 1.0 and PlannerConfig(**PRESETS["paper"]).time_shift == 1.0 and tiny.time_shift > 1
+    vit = PlannerConfig(**PRESETS["libero_tiny_vit"])                     # (the first tiny planner, for the README)
+    assert vit.image_from_vae and not vit.image_init and vit.time_shift == 1.0 and vit.vae == tiny.vae
 
 
 def micro_robot_demos(folder, n=4):
@@ -388,7 +406,7 @@ def micro_robot_demos(folder, n=4):
 
 def train_micro_libero_planner(tmp_path, steps=2):
     """A micro VAE checkpoint and robot demos, the planner's image encoder (policy.py --preset perception_tiny),
-    then planner.main with --preset libero_tiny_conv: returns their paths."""
+    then planner.main with --preset libero_tiny: returns their paths."""
     import policy
     from test_vae import micro_config as vae_micro_config
     vcfg = vae_micro_config(n_enc=6, n_dec=6, synth_tracks=64)
@@ -402,7 +420,7 @@ def train_micro_libero_planner(tmp_path, steps=2):
                  "--norm_samples=8", "--max_steps=2", "--val_every=2", "--batch_start=4", "--batch_end=4",
                  "--micro_batch=4", "--num_workers=0", "--val_clips=4", "--log_every=1", "--device=cpu"])
     out = tmp_path / "planner-libero"
-    planner.main(["--preset=libero_tiny_conv", f"--vae={tmp_path / 'vae.pt'}", f"--data={demos}", f"--out_dir={out}",
+    planner.main(["--preset=libero_tiny", f"--vae={tmp_path / 'vae.pt'}", f"--data={demos}", f"--out_dir={out}",
                   f"--image_init={perception / 'ckpt.pt'}",
                   "--dim=32", "--layers=1", "--head_dim=16", "--time_dim=16", "--cond_dim=32", "--fourier_bands=8",
                   "--norm_samples=8", f"--max_steps={steps}", "--batch_start=4", "--batch_end=4", "--micro_batch=4",

@@ -223,16 +223,23 @@ def test_train_ddp_sh_dry_run_under_a_four_node_slurm_allocation():
 
 
 def test_train_ddp_sh_tiny_libero_stages_plan_in_the_robot_vae():
-    """Tiny: vae-robot trains vae.py --preset tiny_robot and planner-libero reads its checkpoint; the paper preset
-    has no vae-robot (its LIBERO planner plans in the one general VAE)."""
+    """Tiny: vae-robot trains vae.py --preset tiny_robot, perception the CNN image encoder, and planner-libero reads
+    both checkpoints; the paper preset has neither (its LIBERO planner plans in the one general VAE and sees
+    through the pretrained DINOv2)."""
     env = dict(ENV, DRY_RUN="1")
     robot = run("bash", "train_ddp.sh", "vae-robot", env=env)
     assert robot.returncode == 0, robot.stderr
     assert "vae.py --preset=tiny_robot --out_dir=out/tiny/vae-robot" in robot.stdout
+    perception = run("bash", "train_ddp.sh", "perception", env=env)   # the tiny planner's image encoder
+    assert "policy.py --preset=perception_tiny --out_dir=out/tiny/perception --vae=out/tiny/vae-robot/ckpt.pt" \
+        in perception.stdout
     libero = run("bash", "train_ddp.sh", "planner-libero", env=env)
-    assert "planner.py --preset=libero_tiny --out_dir=out/tiny/planner-libero --vae=out/tiny/vae-robot/ckpt.pt" \
-        in libero.stdout
+    assert "planner.py --preset=libero_tiny --out_dir=out/tiny/planner-libero --vae=out/tiny/vae-robot/ckpt.pt " \
+        "--image_init=out/tiny/perception/ckpt.pt" in libero.stdout
     paper = run("bash", "train_ddp.sh", "planner-libero", env=dict(env, PRESET="paper"))
     assert "--vae=out/paper/vae/ckpt.pt" in paper.stdout
+    assert "--image_init" not in paper.stdout                             # (DINOv2, pretrained)
     refused = run("bash", "train_ddp.sh", "vae-robot", env=dict(env, PRESET="paper"))
     assert refused.returncode == 2 and "general VAE" in refused.stderr
+    refused = run("bash", "train_ddp.sh", "perception", env=dict(env, PRESET="paper"))
+    assert refused.returncode == 2 and "pretrained DINOv2" in refused.stderr
