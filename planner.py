@@ -827,8 +827,8 @@ def main(argv=None):
         print(f"total parameters: {sum(p.numel() for p in model.parameters())}")
         return
     if not os.path.isfile(cfg.vae):
-        preset = {"libero": "paper", "libero_tiny": "tiny_robot", "libero_tiny_vit": "tiny_robot"}.get(cfg.preset,
-                                                                                                       cfg.preset)
+        robot = cfg.preset.startswith("libero_tiny")   # (the tiny LIBERO presets plan in the robot VAE)
+        preset = "tiny_robot" if robot else {"libero": "paper"}.get(cfg.preset, cfg.preset)
         raise SystemExit(f"--vae {cfg.vae}: no such checkpoint; train one first with: python vae.py --preset {preset}")
     vae = load_vae(cfg.vae)
     cfg = config_for_vae(cfg, vae)
