@@ -101,9 +101,9 @@ class PolicyConfig:
 
 PRESETS = {
     "paper": {},
-    # 2 CPU cores in about 22 minutes: a narrow 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents; 8192
-    # training windows planned once (a sixth of a second each) and cycled through (with 4096 the head got 1.60x
-    # instead of 1.69x and overfit them by step 4000: README "LIBERO"); every 8th held-out window start.
+    # 2 CPU cores in about 20 minutes: a narrow 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents; 8192
+    # training windows planned once (a sixth of a second each) and cycled through (on the 3000-step planner, 4096
+    # gave 1.60x instead of 1.69x and overfit by step 4000: README "LIBERO"); every 8th held-out window start.
     "tiny": dict(
         planner="out/tiny/planner-libero/ckpt.pt", data="data/robot", latent_tokens=128, latent_channels=8, dim=128,
         layers=2, head_dim=32, latent_pool=8192, norm_samples=512, max_steps=3000, lr=1e-3, warmup_steps=100,
