@@ -1,10 +1,11 @@
-"""Micro training runs for tests/test_train.py, in-process or as a subprocess (python or torchrun):
+"""Micro training runs for tests/test_train.py, in-process or as a subprocess (python or torchrun), COMMANDS a comma
+list run in order in one process group:
 
-  python tests/train_worker.py straight OUT              # 4 steps of the micro VAE (track dropout and noise on)
-  python tests/train_worker.py kill-write OUT            # dies (SIGKILL) half-way through writing the step-4 checkpoint
-  python tests/train_worker.py kill-rename OUT           # dies after writing it, before renaming it into place
-  torchrun --nproc_per_node=2 tests/train_worker.py ddp OUT        # VAE and planner runs, for the 1-process comparison
-  torchrun --nproc_per_node=2 tests/train_worker.py nonfinite OUT  # rank 1's loss is NaN at step 2 and from step 4
+  python tests/train_worker.py kill-write OUT    # the micro VAE run, SIGKILLed half-way through its step-4 checkpoint
+  python tests/train_worker.py kill-rename OUT   # ... SIGKILLed after writing it, before it is renamed into place
+  torchrun --nproc_per_node=2 tests/train_worker.py ddp,nonfinite OUT
+      ddp: vae.py's main() (OUT/vae) and a planner run on a fixed VAE (OUT/planner), for the 1-process comparison
+      nonfinite: the micro VAE run whose rank-1 loss is NaN at step 2 and from step 4 on (OUT/nonfinite)
 """
 import io
 import os
@@ -14,26 +15,23 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import MICRO_PLANNER, MICRO_VAE, flags  # noqa: E402  (it puts the project root on the path)
 import planner  # noqa: E402
+import trainer  # noqa: E402
 import vae  # noqa: E402
 from data import TrackDataset  # noqa: E402
 
-MICRO_VAE = dict(vae.PRESETS["tiny"], n_frames=8, n_enc=4, n_dec=4, synth_tracks=64, image_size=28, image_pos_size=28,
-                 image_dim=32, image_layers=1, image_heads=2, dim=32, enc_layers=1, dec_layers=1, head_dim=16,
-                 latent_channels=4, grid_size=4, fourier_bands=8, track_dropout=0.2, num_workers=0, device="cpu",
-                 max_steps=4, lr=3e-3, warmup_steps=2, decay_frac=0.5, batch_start=4, batch_end=8, batch_ramp_steps=2,
-                 micro_batch=2, log_every=1, val_every=1000, ckpt_every=2)
-MICRO_PLANNER = dict(planner.PRESETS["tiny"], n_frames=8, latent_channels=4, grid_size=4, image_size=28,
-                     image_pos_size=28, image_dim=32, image_layers=1, image_heads=2, dim=32, layers=1, head_dim=16,
-                     time_dim=16, cond_dim=32, fourier_bands=8, max_pokes=4, cond="pokes", num_workers=0,
-                     device="cpu", max_steps=3, lr=3e-3, warmup_steps=1, batch_start=4, batch_end=4, micro_batch=2,
-                     ema_decay=0.9, log_every=1, val_every=1000, ckpt_every=3)
+# every schedule moves: warm-up, the batch ramp 4 -> 8 (accumulation), the WSD tail; track dropout and posterior noise
+RUN = dict(track_dropout=0.2, max_steps=4, lr=3e-3, warmup_steps=2, decay_frac=0.5, batch_start=4, batch_end=8,
+           batch_ramp_steps=2, micro_batch=2, log_every=1, val_every=1000, ckpt_every=2)
+PLANNER_RUN = dict(layers=1, max_steps=3, lr=3e-3, warmup_steps=1, batch_start=4, batch_end=4, micro_batch=2,
+                   ema_decay=0.9, log_every=1, val_every=1000, ckpt_every=3)
 
 
 def vae_run(out_dir, **overrides):
     """(cfg, model, dataset) of the micro VAE run; the model's initial weights depend only on the seed."""
-    cfg = vae.VAEConfig(**dict(MICRO_VAE, out_dir=out_dir, **overrides))
+    cfg = vae.VAEConfig(**{**MICRO_VAE, **RUN, "out_dir": out_dir, **overrides})
     torch.manual_seed(cfg.seed)
     model = vae.TrackVAE(cfg)
     data = TrackDataset("synthetic", "train", n_frames=cfg.n_frames, n_enc=cfg.n_enc, n_dec=cfg.n_dec,
@@ -41,21 +39,30 @@ def vae_run(out_dir, **overrides):
     return cfg, model, data
 
 
-def train_vae(out_dir, loss_fn=vae.vae_loss, **overrides):
+def train_vae(out_dir, loss_fn=vae.vae_loss, max_nonfinite=3, **overrides):
+    """The micro VAE through trainer.train with an EMA (so that resume has one to restore)."""
     cfg, model, data = vae_run(out_dir, **overrides)
-    ema = vae.EMA(model, 0.9)
-    vae.train(cfg, model, data, loss_fn, "vae", ema=ema, max_nonfinite=3)
+    ema = planner.EMA(model, 0.9)
+    trainer.train(cfg, model, data, loss_fn, "vae", ema=ema, max_nonfinite=max_nonfinite)
     return model, ema
 
 
+def vae_main(out_dir):
+    """vae.py's own main() on the micro run (validation at the last step, val.png)."""
+    vae.main(flags(MICRO_VAE, **RUN, out_dir=out_dir))
+
+
 def train_planner(out_dir):
-    """The micro planner on a randomly initialised micro VAE (only its encoder's means are used)."""
-    vcfg, vae_model, data = vae_run(out_dir + "-vae")
-    cfg = planner.PlannerConfig(**dict(MICRO_PLANNER, out_dir=out_dir))
+    """The micro planner (pokes, text, both or none per sample) on the seeded, untrained micro VAE."""
+    _, vae_model, data = vae_run(out_dir + "-vae")
+    vae_model.eval().fingerprint = vae.fingerprint(vae_model)
+    cfg = planner.PlannerConfig(**{**MICRO_PLANNER, **PLANNER_RUN, "out_dir": out_dir})
     torch.manual_seed(1)
-    model = planner.MotionPlanner(cfg, pretrained=False)
-    ema = vae.EMA(model, cfg.ema_decay)
-    vae.train(cfg, model, data, planner.make_planner_loss(model, vae_model.eval(), cfg), "planner", ema=ema)
+    model = planner.build_planner(cfg, vae_model)
+    shift, scale = planner.measure_latent_stats(vae_model, data, cfg.norm_samples)
+    model.latent_shift.fill_(shift), model.latent_scale.fill_(scale)
+    ema = planner.EMA(model, cfg.ema_decay)
+    trainer.train(model.cfg, model, data, planner.make_loss(model, vae_model, model.cfg), "planner", ema=ema)
 
 
 def kill_during_second_save(point):
@@ -90,26 +97,29 @@ def nan_on_rank1_loss(net, batch):
     return loss, metrics
 
 
-def main(command, out):
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")  # one group for several runs (train() leaves a group it did not start)
-    if command == "straight":
-        train_vae(out)
-    elif command.startswith("kill-"):
-        kill_during_second_save(command[len("kill-"):])
-        train_vae(out)
-    elif command == "ddp":
-        train_vae(os.path.join(out, "vae"))
-        train_planner(os.path.join(out, "planner"))
-    elif command == "nonfinite":
-        try:
-            train_vae(out, nan_on_rank1_loss, max_steps=8, batch_end=4)
-        except RuntimeError as e:
-            with open(os.path.join(out, f"error{dist.get_rank()}.txt"), "w") as f:
-                f.write(str(e))
-    else:
-        raise SystemExit(f"unknown command {command!r}")
-    if dist.is_initialized():
+def main(commands, out):
+    # bit-identical runs across processes need the same reductions: the caller passes its thread count
+    torch.set_num_threads(int(os.environ.get("WORKER_THREADS", torch.get_num_threads())))
+    owned = "RANK" in os.environ and not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")   # one group for several runs (train() leaves a group it did not start)
+    for command in commands.split(","):
+        if command.startswith("kill-"):
+            kill_during_second_save(command[len("kill-"):])
+            train_vae(out)
+        elif command == "ddp":
+            vae_main(os.path.join(out, "vae"))
+            train_planner(os.path.join(out, "planner"))
+        elif command == "nonfinite":
+            folder = os.path.join(out, "nonfinite")
+            try:
+                train_vae(folder, nan_on_rank1_loss, max_steps=8, batch_end=4)
+            except RuntimeError as e:
+                with open(os.path.join(folder, f"error{dist.get_rank() if dist.is_initialized() else 0}.txt"), "w") as f:
+                    f.write(str(e))
+        else:
+            raise SystemExit(f"unknown command {command!r}")
+    if owned:
         dist.destroy_process_group()
 
 
