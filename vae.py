@@ -32,7 +32,6 @@ class ImageConfig:
     def check(self):
         return super().check() + divides(self, "image_patch", "image_size") + divides(self, "image_heads", "image_dim")
 
-
 @dataclass
 class VAEConfig(ImageConfig, TrainConfig):
     n_frames: int = 64
@@ -90,7 +89,6 @@ def zero_init(linear):   # an output layer that starts at zero (DiT)
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight; with cond_dim adaptive, * (1 + Linear(cond)) zero-initialised (starts as RMSNorm)."""
-
     def __init__(self, dim, cond_dim=None, eps=1e-6):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
@@ -102,7 +100,6 @@ class RMSNorm(nn.Module):
 
 class SwiGLU(nn.Module):
     """W3 (silu(W1 x) * W2 x), hidden width ffn_mult * dim (expansion 3, Table F): 9 dim^2 parameters."""
-
     def __init__(self, dim, ffn_mult=3):
         super().__init__()
         self.w12 = nn.Linear(dim, 2 * ffn_mult * dim, bias=False)
@@ -116,7 +113,6 @@ class RoPE(nn.Module):
     """Axial rotary embedding for real-valued positions with 1-3 axes, e.g. (t, y, x): the head_dim / 2 rotation
     pairs are split over the axes, each with frequencies geometric from 1 to max_freq rad per unit.
     forward(pos [..., S, n_axes]) -> (cos, sin), each [..., S, head_dim], for apply_rope (rotate-half)."""
-
     def __init__(self, head_dim, max_freqs):
         super().__init__()
         n_pairs, n_axes = head_dim // 2, len(max_freqs)
@@ -142,13 +138,11 @@ class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention; self-attention when ctx is None. Queries and
     keys are rotated by their own RoPE positions. extra_kv = (k, v), already split into heads and rotated, is put
     before the keys (the decoder's queries attend to the latents and to their own point's frames)."""
-
     def __init__(self, dim, head_dim, kv_dim=None):
         super().__init__()
         self.heads = dim // head_dim
-        self.q = nn.Linear(dim, dim, bias=False)
+        self.q, self.out = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
 
     def split_heads(self, x):
         return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
@@ -170,12 +164,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """One layer (Sec. B): pre-norm self-attention, cross-attention to context tokens (the image, or the planner's
     conditions), SwiGLU, each with a residual; cond_dim makes the norms adaptive (the planner's flow time)."""
-
     def __init__(self, dim, head_dim, ctx_dim, ffn_mult=3, cond_dim=None):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (RMSNorm(dim, cond_dim) for _ in range(3))
-        self.self_attn = Attention(dim, head_dim)
-        self.cross_attn = Attention(dim, head_dim, kv_dim=ctx_dim)
+        self.self_attn, self.cross_attn = Attention(dim, head_dim), Attention(dim, head_dim, kv_dim=ctx_dim)
         self.ffn = SwiGLU(dim, ffn_mult)
 
     def forward(self, x, rope, ctx, ctx_rope, cond=None, mask=None, ctx_mask=None, extra_kv=None):
@@ -190,7 +182,6 @@ class Block(nn.Module):
 class PointEmbed(nn.Module):
     """Fourier features of coordinates in [-1, 1] (sin, cos at geometric frequencies 1..max_freq), a linear layer to
     dim, then n_blocks residual SwiGLU blocks (Sec. B: "Fourier embedded and processed with an MLP")."""
-
     def __init__(self, in_dims, dim, n_bands=32, max_freq=40 * math.pi, n_blocks=2):
         super().__init__()
         self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(max_freq), n_bands)), persistent=False)
@@ -213,7 +204,6 @@ def grid_centres(n_rows, n_cols, device=None):
 class ImageEncoder(nn.Module):
     """DINOv2 ViT-B/14 with registers (transformers): the start frame [B, 3, S, S], ImageNet-normalised -> patch
     tokens [B, (S/14)^2, image_dim] (CLS and registers dropped); .pos = their RoPE positions (t = -1, y, x)."""
-
     def __init__(self, cfg, pretrained=True):
         super().__init__()
         from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
@@ -247,7 +237,6 @@ class TrackVAE(nn.Module):
     query_xy [B, Q, 2]) -> [B, Q, T, 2]: one query per (point, frame) attends to the latents and to its own point's
     frames only, so a point's path does not depend on which others are decoded (decode_dense = point-wise).
     forward(image, tracks) -> the loss (Table F): L1 over encoded and held-out tracks + beta KL."""
-
     def __init__(self, cfg: VAEConfig, pretrained=True):
         super().__init__()
         self.cfg = cfg
@@ -259,14 +248,11 @@ class TrackVAE(nn.Module):
         self.latent_queries = nn.Parameter(torch.randn(self.n_latents, d) * 0.02)
         self.register = nn.Parameter(torch.randn(1, d) * 0.02)
         self.encoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult) for _ in range(cfg.enc_layers))
-        self.enc_norm = RMSNorm(d)
-        self.to_moments = nn.Linear(d, 2 * C)
-        self.latent_proj = nn.Linear(C, d)
+        self.enc_norm, self.to_moments, self.latent_proj = RMSNorm(d), nn.Linear(d, 2 * C), nn.Linear(C, d)
         self.query_token = nn.Parameter(torch.randn(d) * 0.02)
         self.query_embed = PointEmbed(3, d, bands, top, n_blocks=0) if cfg.position_content else None
         self.decoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult) for _ in range(cfg.dec_layers))
-        self.dec_norm = RMSNorm(d)
-        self.to_xy = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
+        self.dec_norm, self.to_xy = RMSNorm(d), nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
         # (t, y, x) of each latent token: slot times and grid-cell centres (Sec. D), or all zero (Fig. J)
         slot_t = (torch.arange(cfg.temporal_slots) + 0.5) / cfg.temporal_slots * 2 - 1
         cells = grid_centres(cfg.grid_size, cfg.grid_size)
@@ -283,7 +269,7 @@ class TrackVAE(nn.Module):
         t = t.view(1, 1, T, 1).expand(*start_xy.shape[:2], T, 1)
         return torch.cat([t, start_xy.flip(-1).unsqueeze(2).expand(-1, -1, T, -1)], dim=-1)
 
-    def image_tokens(self, image):
+    def image_tokens(self, image):   # the start frame's DINOv2 tokens, the context of encoder and decoder
         return self.image_encoder(image)
 
     def encode(self, image, tracks, token_mask=None, image_tokens=None):
@@ -299,9 +285,8 @@ class TrackVAE(nn.Module):
         lead = torch.cat([self.latent_queries, self.register]).expand(B, -1, -1)
         lead_pos = F.pad(self.latent_pos, (0, 0, 0, 1)).expand(B, -1, -1)
         x, rope = torch.cat([lead, tokens], dim=1), self.rope(torch.cat([lead_pos, pos], dim=1))
-        mask = None
-        if token_mask is not None:
-            mask = torch.cat([token_mask.new_ones(B, lead.shape[1]), token_mask.reshape(B, N * T)], 1)[:, None, None]
+        mask = None if token_mask is None else torch.cat(
+            [token_mask.new_ones(B, lead.shape[1]), token_mask.reshape(B, N * T)], 1)[:, None, None]
         ctx_rope = self.rope(self.image_encoder.pos)
         for block in self.encoder:
             x = block(x, rope, ctx, ctx_rope, mask=mask)
@@ -333,26 +318,23 @@ class TrackVAE(nn.Module):
         xy = self.to_xy(self.dec_norm(x)).reshape(B, Q, T, 2)
         return xy + query_xy.unsqueeze(2) if self.cfg.predict_offsets else xy
 
-    def decode(self, z, image, query_xy, T=None, chunk=4096, image_tokens=None):
+    def decode(self, z, image, query_xy, T=None, chunk=4096, image_tokens=None, progress=False):
         """z [B, n_latents, C], query_xy [B, Q, 2] unit (x, y) -> tracks [B, Q, T, 2], chunk points at a time."""
+        from tqdm import tqdm
         assert query_xy.dim() == 3 and query_xy.shape[-1] == 2, f"query_xy [B, Q, 2], not {list(query_xy.shape)}"
         ctx = self.image_tokens(image) if image_tokens is None else image_tokens
-        kvs = self.decoder_context(z, ctx)
-        T = T or self.cfg.n_frames
-        return torch.cat([self.decode_queries(kvs, ctx, q, T) for q in query_xy.split(chunk, dim=1)], dim=1)
+        kvs, chunks = self.decoder_context(z, ctx), query_xy.split(chunk, dim=1)
+        return torch.cat([self.decode_queries(kvs, ctx, q, T or self.cfg.n_frames)
+                          for q in tqdm(chunks, disable=not progress, desc="decode", leave=False)], dim=1)
 
     @torch.no_grad()
     def decode_dense(self, z, image, height, width, chunk=2048, progress=False):
         """Sec. C densification: every pixel centre of a height x width frame -> [B, H, W, T, 2] unit (x, y);
         memory is bounded by the chunk of points decoded at once."""
-        from tqdm import tqdm
         xs, ys = torch.linspace(-1, 1, width, device=z.device), torch.linspace(-1, 1, height, device=z.device)
         query = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(1, -1, 2).expand(len(z), -1, -1)
-        ctx = self.image_tokens(image)
-        kvs = self.decoder_context(z, ctx)
-        parts = [self.decode_queries(kvs, ctx, q, self.cfg.n_frames)
-                 for q in tqdm(query.split(chunk, dim=1), disable=not progress, desc="dense decode", leave=False)]
-        return torch.cat(parts, dim=1).reshape(len(z), height, width, self.cfg.n_frames, 2)
+        tracks = self.decode(z, image, query, chunk=chunk, progress=progress)
+        return tracks.reshape(len(z), height, width, self.cfg.n_frames, 2)
 
     def forward(self, image, tracks, visible=None, rng=None):
         """tracks [B, N, T, 2]: the first n_enc are encoded, all N reconstructed from their start points. rng: a
@@ -364,8 +346,7 @@ class TrackVAE(nn.Module):
             use = use & visible
         if self.training and cfg.track_dropout > 0:
             use = use & (rng.rand(N, 1) >= cfg.track_dropout)
-        ctx = self.image_tokens(image)
-        n_enc = min(cfg.n_enc, N)
+        ctx, n_enc = self.image_tokens(image), min(cfg.n_enc, N)
         mean, logvar = self.encode(image, tracks[:, :n_enc], use[:, :n_enc], image_tokens=ctx)
         z = mean + rng.randn(*mean.shape[1:]) * (0.5 * logvar).exp() if self.training else mean  # reparameterised
         pred = self.decode(z, image, tracks[:, :, 0], T, image_tokens=ctx)
@@ -414,9 +395,6 @@ def dry_run(cfg, model, groups, default):
     print(f"total parameters: {sum(counts.values())}")
     return counts
 
-VAE_PARTS = dict(image_encoder="image encoder", **dict.fromkeys(
-    ("latent_proj", "query_token", "query_embed", "decoder", "dec_norm", "to_xy"), "decoder"))
-
 # ----------------------------------------------------------------------------------------------------
 # Training and validation
 
@@ -440,7 +418,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     model = TrackVAE(cfg, pretrained=not cfg.dry_run)
     if cfg.dry_run:
-        return dry_run(cfg, model, VAE_PARTS, "encoder")
+        return dry_run(cfg, model, dict(image_encoder="image encoder", **dict.fromkeys(
+            ("latent_proj", "query_token", "query_embed", "decoder", "dec_norm", "to_xy"), "decoder")), "encoder")
     from data import make_track_dataset   # synthetic, .npz clips, .tar shards, or LIBERO .hdf5 demos
     common = dict(n_frames=cfg.n_frames, n_enc=cfg.n_enc, n_dec=cfg.n_dec, image_size=cfg.image_size, seed=cfg.seed,
                   synth_tracks=cfg.synth_tracks)
