@@ -1,53 +1,42 @@
-"""The speed benchmark (the paper's efficiency claim; Sec. C dense decoding; Fig. K's sampling steps): every operation
-of both stages at a preset's sizes with random weights (no checkpoint, no download).
+"""The speed benchmark (the paper's efficiency claim; Sec. C dense decoding; Fig. K's steps) of every operation of both
+stages at a preset's sizes, random weights: the median time, samples/s, frames/s ("timesteps per second"), peak memory,
+FLOPs from shapes (2 x in x out per row of a linear layer or convolution, 4 L S d per attention; a training step 3x what
+trains + 1x the frozen parts), FLOP/s and MFU = that / the FLOP/s of a plain matmul in the same run.
 
     python3 bench.py --preset tiny                # 16 frames, the tiny models
     python3 bench.py --preset paper --device cuda # Table F sizes (64 frames, 40 tracks encoded, 80 decoded)
-
-Per row: the median time, samples/s, predicted frames/s (the paper's "timesteps per second"), peak memory, FLOPs from
-the shapes (2 x in x out per row of every linear layer and convolution, 4 L S d per attention; a training step is 3x
-the forward of what trains plus 1x the frozen parts), FLOP/s, and MFU = that / a plain matmul's FLOP/s in the same run.
 """
-import argparse, dataclasses, json, resource, statistics, sys, time
+import argparse, contextlib, json, resource, statistics, sys, time
 
 import torch
-import torch.nn as nn
 
 from data import check_output, write_atomically
-from trainer import autocast, setup_distributed
+from eval import table
+from planner import PRESETS as PLANNER_PRESETS, VAE_FIELDS, MotionPlanner, PlannerConfig, make_loss
+from trainer import SampleRandom, autocast, setup_distributed
+from vae import PRESETS as VAE_PRESETS, Attention, TrackVAE, VAEConfig
 
 def count_flops(models, fn):
-    """Run fn() once and count its forward FLOPs in the modules of `models` from the tensors' shapes.
-    Returns (trainable, frozen): FLOPs in modules whose weights train, and in the rest."""
-    from vae import Attention
-    counts, hooks = [0, 0], []
-
-    def add(module, flops):
-        weight = next(module.parameters(), None)
-        counts[int(weight is None or not weight.requires_grad)] += flops
+    """Run fn() once: its forward FLOPs in the modules of `models`, from shapes, as [trainable, frozen] modules'."""
+    counts = [0, 0]
 
     def hook(module, args, kwargs, out):
-        if isinstance(module, nn.Linear):
-            add(module, 2 * out.numel() * module.in_features)
-        elif isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            add(module, 2 * out.numel() * module.in_channels * kh * kw // module.groups)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):   # weight[0].numel(): MACs per output
+            flops = 2 * out.numel() * module.weight[0].numel()
         elif isinstance(module, Attention):   # x [B, L, d] attends to ctx [B, S, .] (+ extra keys)
             x, ctx, extra = args[0], kwargs.get("ctx", args[2] if len(args) > 2 else None), kwargs.get("extra_kv")
             keys = (x if ctx is None else ctx).shape[1] + (0 if extra is None else extra[0].shape[2])
-            add(module, 4 * x.shape[0] * x.shape[1] * keys * module.q.out_features)
+            flops = 4 * x.shape[0] * x.shape[1] * keys * module.q.out_features
         else:                                 # DINOv2's self-attention (transformers): hidden states [B, L, d]
             h = args[0] if args else kwargs["hidden_states"]
-            add(module, 4 * h.shape[0] * h.shape[1] ** 2 * h.shape[2])
-    for model in models:
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__.endswith("Attention"):
-                hooks.append(m.register_forward_hook(hook, with_kwargs=True))
-    try:
+            flops = 4 * h.shape[0] * h.shape[1] ** 2 * h.shape[2]
+        weight = next(module.parameters(), None)
+        counts[int(weight is None or not weight.requires_grad)] += flops
+    with contextlib.ExitStack() as hooks:   # removed on the way out, whatever fn() does
+        for m in (m for model in models for m in model.modules()):
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or type(m).__name__.endswith("Attention"):
+                hooks.enter_context(m.register_forward_hook(hook, with_kwargs=True))
         fn()
-    finally:
-        for h in hooks:
-            h.remove()
     return counts
 
 def peak_mb(device):
@@ -57,7 +46,7 @@ def peak_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 def timed(fn, device, budget_s):
-    """The median time of fn() over repeats filling budget_s (at least one), after one warm-up call."""
+    """The median time of fn() over repeats filling budget_s (at least one); the caller warms up."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     while not times or sum(times) < budget_s and len(times) < 50:
@@ -67,26 +56,20 @@ def timed(fn, device, budget_s):
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
-def matmul_flops_per_s(device, n):
-    """FLOP/s of one plain square matmul (fp32 on CPU, bf16 on CUDA): the MFU's reference."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    a @ a
-    return 2 * n ** 3 / timed(lambda: a @ a, device, 1.0)
-
 def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, matmul_size=None, rows=None):
-    """The rows of both stages -> a list of dicts (name, ms, samples/s, frames/s, point-frames/s, peak MB, GFLOP, MFU)."""
-    from planner import PRESETS as PLANNER_PRESETS, VAE_FIELDS, MotionPlanner, PlannerConfig, make_loss
-    from trainer import SampleRandom
-    from vae import PRESETS as VAE_PRESETS, TrackVAE, VAEConfig
+    """The rows of both stages (dicts: ms, samples/s, frames/s, point-frames/s, peak MB, GFLOP, MFU), the reference."""
     if preset not in VAE_PRESETS or preset not in PLANNER_PRESETS:
         raise ValueError(f"--preset {preset}: expected one of tiny, paper")
     vcfg = VAEConfig(**{**VAE_PRESETS[preset], "image_encoder": "random"})
-    pcfg = dataclasses.replace(PlannerConfig(), **{**PLANNER_PRESETS[preset], "image_encoder": "random",
-                                                   **{f: getattr(vcfg, f) for f in VAE_FIELDS}})
-    reference = matmul_flops_per_s(device, matmul_size or (8192 if device.type == "cuda" else 2048))
-    B, T, S, g = batch, vcfg.n_frames, vcfg.image_size, torch.Generator().manual_seed(0)
-    n_points = vcfg.n_enc + vcfg.n_dec
-    image = torch.randn(B, 3, S, S, generator=g).to(device)
+    pcfg = PlannerConfig(**{**PLANNER_PRESETS[preset], "image_encoder": "random",
+                            **{f: getattr(vcfg, f) for f in VAE_FIELDS}})
+    n = matmul_size or (8192 if device.type == "cuda" else 2048)   # the MFU's reference: one plain square matmul
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    a @ a
+    reference = 2 * n ** 3 / timed(lambda: a @ a, device, 1.0)
+    del a
+    B, T, n_points, g = batch, vcfg.n_frames, vcfg.n_enc + vcfg.n_dec, torch.Generator().manual_seed(0)
+    image = torch.randn(B, 3, vcfg.image_size, vcfg.image_size, generator=g).to(device)
     tracks = (torch.rand(B, n_points, T, 2, generator=g) * 2 - 1).to(device)
     vae = TrackVAE(vcfg, pretrained=False).to(device).eval()
     planner = MotionPlanner(pcfg, pretrained=False).to(device).eval()
@@ -96,9 +79,17 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
     out = []
 
     def row(key, name, fn, models, frames=0, points=0, train=False, scale=1.0, fixed=None, note=""):
-        """scale: fn did 1 / scale of the row's work beyond fixed() (work that does not scale), timed and counted too."""
+        """train: fn returns models[0]'s loss and the row is one AdamW step of its trainable weights. scale: fn did
+        1 / scale of the work beyond fixed() (the part that does not scale), timed and counted too."""
         if rows and key not in rows:
             return
+        if train:
+            models[0].train().image_encoder.requires_grad_(not models[0].cfg.freeze_image_encoder)
+            opt, loss = torch.optim.AdamW([p for p in models[0].parameters() if p.requires_grad], lr=1e-5), fn
+
+            def fn():
+                loss().backward()
+                opt.step(), opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with autocast(device), torch.set_grad_enabled(train):
@@ -121,35 +112,23 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
         n = side * side
         q = n if decode is None else max(64, min(n, int(max_row_s / (decode["ms"] / 1000 / n_points))))
         query = (torch.rand(B, q, 2, generator=g) * 2 - 1).to(device)
-        row(f"dense{side}", f"VAE decode_dense {side}x{side} ({n} points)", lambda: vae.decode(z, image, query, chunk=2048),
-            [vae], T, n, scale=n / q, fixed=lambda: vae.decoder_context(z, vae.image_tokens(image)),
+        row(f"dense{side}", f"VAE decode_dense {side}x{side} ({n} points)",
+            lambda: vae.decode(z, image, query, chunk=2048), [vae], T, n, scale=n / q,
+            fixed=lambda: vae.decoder_context(z, vae.image_tokens(image)),
             note="" if q == n else f"(timed on {q} points, scaled to {n})")
-    vae.train().image_encoder.requires_grad_(not vcfg.freeze_image_encoder)
-    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-5)
-
-    def vae_step():
-        vae(image, tracks, rng=SampleRandom(range(B), device=device))["loss"].backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-    row("train_vae", f"VAE training step (batch {B}, {vcfg.n_enc} + {vcfg.n_dec} tracks)", vae_step, [vae], T, n_points,
-        True)
+    row("train_vae", f"VAE training step (batch {B}, {vcfg.n_enc} + {vcfg.n_dec} tracks)",
+        lambda: vae(image, tracks, rng=SampleRandom(range(B), device=device))["loss"], [vae], T, n_points, True)
     vae.eval().requires_grad_(False)
-    cond = planner.conditions(image, pokes)
-    t = torch.full((B,), 0.5, device=device)
+    cond, t = planner.conditions(image, pokes), torch.full((B,), 0.5, device=device)
     x = torch.randn(B, planner.n_latents, pcfg.latent_channels, generator=g).to(device)
-    row("velocity", f"planner velocity (1 network evaluation, {pcfg.max_pokes} pokes)", lambda: planner.velocity(x, t, cond),
-        [planner])
+    row("velocity", f"planner velocity (1 network evaluation, {pcfg.max_pokes} pokes)",
+        lambda: planner.velocity(x, t, cond), [planner])
     sample = row("sample", f"planner sample ({steps} steps, latents of {T} frames)",
                  lambda: planner.sample(image, pokes, steps=steps, generator=torch.Generator()), [planner], T)
-    planner.train().image_encoder.requires_grad_(not pcfg.freeze_image_encoder)
-    opt = torch.optim.AdamW([p for p in planner.parameters() if p.requires_grad], lr=1e-5)
     loss = make_loss(planner, vae, pcfg)
     batch = dict(image=image, tracks=tracks, text=[""] * B, rng=SampleRandom(range(B), device=device))
-
-    def planner_step():
-        loss(planner, batch)[0].backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-    row("train_planner", f"planner training step (batch {B}, with the frozen VAE encode)", planner_step, [planner, vae], T,
-        train=True)
+    row("train_planner", f"planner training step (batch {B}, with the frozen VAE encode)",
+        lambda: loss(planner, batch)[0], [planner, vae], T, train=True)
     if sample and decode:   # the paper's timesteps per second: a sample decoded at the clip's points
         s, flops = (sample["ms"] + decode["ms"]) / 1000, (sample["gflop"] + decode["gflop"]) * 1e9
         out.append(dict(key="generate", name=f"generate = sample + decode {n_points} points (sum of rows)", ms=1000 * s,
@@ -159,7 +138,6 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
     return out, reference
 
 def main(argv=None):
-    from eval import table
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="tiny or paper: vae.py's and planner.py's sizes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -167,9 +145,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--steps", type=int, default=10, help="Euler steps of the full sample (Fig. K: 10)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per row")
-    p.add_argument("--max_row_s", type=float, default=60.0, help="dense rows longer than this are timed on fewer points")
+    p.add_argument("--max_row_s", type=float, default=60.0, help="dense rows longer than this: timed on fewer points")
     p.add_argument("--matmul_size", type=int, help="side of the reference matmul (2048 on CPU, 8192 on CUDA)")
-    p.add_argument("--rows", help="only these rows: encode,decode,dense64,dense224,train_vae,velocity,sample,train_planner")
+    p.add_argument("--rows", help="only these: encode,decode,dense64,dense224,train_vae,velocity,sample,train_planner")
     p.add_argument("--json", help="write the numbers to this file")
     args = p.parse_args(argv)
     try:
@@ -185,14 +163,16 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     print(f"bench: preset {args.preset}, {device} ({torch.get_num_threads()} threads), batch {args.batch}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; reference matmul {reference / 1e9:.1f} GFLOP/s")
-    keys = dict(ms=1, samples_per_s=1, frames_per_s=1, point_frames_per_s=1, peak_mb=1, gflop=1, flops_per_s=1e9, mfu=0.01)
+    units = dict(ms=1, samples_per_s=1, frames_per_s=1, point_frames_per_s=1, peak_mb=1, gflop=1, flops_per_s=1e9,
+                 mfu=0.01)
     print(table(["operation", "ms", "samples/s", "frames/s", "point-frames/s", "peak MB", "GFLOP", "GFLOP/s", "MFU %"],
-                [[r["name"] + " *" * bool(r["note"])] + [r[k] / unit if r[k] else None for k, unit in keys.items()]
+                [[r["name"] + " *" * bool(r["note"])] + [r[k] / unit if r[k] else None for k, unit in units.items()]
                  for r in rows]))
-    print("* " + "; ".join(f"{r['name']}: {r['note']}" for r in rows if r["note"]) if any(r["note"] for r in rows) else "")
+    notes = [f"{r['name']}: {r['note']}" for r in rows if r["note"]]
+    print("* " + "; ".join(notes) if notes else "")
     if args.json:
-        write_atomically(args.json, lambda f: f.write(json.dumps(dict(preset=args.preset, device=str(device),
-                                                                     reference=reference, rows=rows), indent=2).encode()))
+        saved = dict(preset=args.preset, device=str(device), reference=reference, rows=rows)
+        write_atomically(args.json, lambda f: f.write(json.dumps(saved, indent=2).encode()))
     return rows
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""The paper's metrics, baselines and protocols (DESIGN.md "Evaluation protocols"), each in one place; training's
-validation calls the same functions.
+"""The paper's metrics, baselines and protocols (Sec. A), one place each; training's validation reuses them.
 
     python3 eval.py recon                          # AE / MAE reconstruction PCK at 256 px (Tables G, H)
     python3 eval.py tracks --pokes 1,4,16,dense    # Min/Mean/Single/MeanT MSE and EPE at 128 px, K = 8 samples
@@ -10,11 +9,19 @@ Inputs are unit coordinates, (x, y) in [-1, 1], tracks [..., N, T, 2] and K samp
 "..." is clips, averaged over. Each metric maps to pixels as its protocol does: PCK (TAP-Vid, 256 px)
 p = (u + 1) / 2 (res - 1); MSE, EPE, diversity (ATM / WHN, 128 px) p = (u + 1) / 2 res. float64, python floats.
 """
-import argparse, json, math, os, warnings
+import argparse, json, os, warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import (SPLITS, check_output, find_clips, is_static, load_ref, make_synthetic_clip, pixels_to_unit,
+                  prepare_image, sample_pokes, select_eval_tracks, write_atomically)
+from libero import VIEWS, LiberoDataset, resample_time
+from planner import PokeGuide, load_planner
+from trainer import autocast
+from vae import load_vae
 
 def to_pixels(u, size):
     return (u.double() + 1) / 2 * size
@@ -30,10 +37,9 @@ def pck(pred, gt, res=256, thresholds=(1, 2, 4, 8, 16), mask=None):
     return {"delta_avg": sum(out.values()) / len(out), **out}
 
 def trajectory_mse(pred, gt, res=128):
-    """Min / Mean / Single / MeanT MSE over K samples (WHN protocol, Table E). pred [..., K, N, T, 2], gt [..., N, T, 2]:
-    mse_k = mean over (n, t, c) of (p_pred[k] - p_gt)^2; min = min_k, mean = mean_k, single = mse_0; meanT = the MSE
-    of the mean trajectory (<= mean). Per clip, then averaged over clips."""
-    assert pred.dim() == gt.dim() + 1 and pred.shape[-3:] == gt.shape[-3:], f"pred {list(pred.shape)} gt {list(gt.shape)}"
+    """Min / Mean / Single / MeanT MSE over K samples (WHN, Table E). pred [..., K, N, T, 2], gt [..., N, T, 2]; with
+    mse_k = mean_(n,t,c) (p_pred[k] - p_gt)^2: min_k, mean_k, mse_0, the mean trajectory's MSE (<= mean), per clip."""
+    assert pred.dim() == gt.dim() + 1 and pred.shape[-3:] == gt.shape[-3:], f"pred {list(pred.shape)} gt {gt.shape}"
     p, g = to_pixels(pred, res), to_pixels(gt, res)
     mse_k = ((p - g.unsqueeze(-4)) ** 2).mean(dim=(-3, -2, -1))
     return dict(min=float(mse_k.min(-1).values.mean()), mean=float(mse_k.mean()), single=float(mse_k[..., 0].mean()),
@@ -48,19 +54,17 @@ def endpoint_error(pred, gt, n_poked=None, res=128):
 
 def diversity(pred, res=128):
     """The mean over (clips, pairs k < l, n, t) of |p[k, n, t] - p[l, n, t]|; 0 for K = 1. pred [..., K, N, T, 2]."""
-    K = pred.shape[-4]
+    K, p = pred.shape[-4], to_pixels(pred, res)
     first, second = torch.triu_indices(K, K, offset=1)
-    return float((to_pixels(pred, res)[..., first, :, :, :] - to_pixels(pred, res)[..., second, :, :, :]).norm(dim=-1)
-                 .mean()) if K > 1 else 0.0
+    return float((p[..., first, :, :, :] - p[..., second, :, :, :]).norm(dim=-1).mean()) if K > 1 else 0.0
 
 def direction_cosine(pred, gt):
-    """Does one sample move the way the truth does? d = mean over n of x[n, T-1] - x[n, 0]; the cosine of d_pred and
-    d_gt, averaged over clips (1 the same way, 0 unrelated). Min-MSE rewards spread; a policy head reads one plan."""
+    """Does one sample move the way the truth does? The cosine of d_pred and d_gt, d = mean_n x[n, T-1] - x[n, 0],
+    averaged over clips (1 the same way, 0 unrelated)."""
     d_pred, d_gt = ((x[..., -1, :] - x[..., 0, :]).double().mean(-2) for x in (pred, gt))
     return float(F.cosine_similarity(d_pred, d_gt, dim=-1).mean())
 
-# ----------------------------------------------------------------------------------------------------
-# Baselines (Sec. A: on the same evaluation tracks as the model)
+# ------------------------------------------------------- Baselines (Sec. A: on the same evaluation tracks as the model)
 
 def static_baseline(start_xy, T):
     """No motion: start_xy [..., N, 2] -> [..., N, T, 2]."""
@@ -77,38 +81,34 @@ def straight_to_poke_baseline(start_xy, pokes, poke_index, T):
     """Poked points move in a straight line to their goal at constant speed, then stay; the rest stay still.
     start_xy [..., N, 2], pokes [..., P, 5] (x0, y0, x1, y1, t), poke_index [..., P] (each point poked once). With
     the goal frame f = round(t (T - 1)): a(j) = j / f for j < f, else 1; out[n, j] = (1 - a) (x0, y0) + a (x1, y1)."""
-    lead, N, P = start_xy.shape[:-2], start_xy.shape[-2], pokes.shape[-2]
-    start_xy, pokes, poke_index = start_xy.reshape(-1, N, 2), pokes.reshape(-1, P, 5), poke_index.reshape(-1, P)
-    assert P < 2 or (poke_index.sort(-1).values.diff(dim=-1) > 0).all(), "straight_to_poke_baseline: a point poked twice"
+    assert (poke_index.sort(-1).values.diff(dim=-1) > 0).all(), "straight_to_poke_baseline: a point poked twice"
     frames, goal_frame = torch.arange(T, dtype=pokes.dtype, device=pokes.device), torch.round(pokes[..., 4:5] * (T - 1))
-    a = torch.where(frames >= goal_frame, 1.0, frames / goal_frame.clamp(min=1)).unsqueeze(-1)        # [B, P, T, 1]
-    out = static_baseline(start_xy, T).to(pokes.dtype)
+    a = torch.where(frames >= goal_frame, 1.0, frames / goal_frame.clamp(min=1)).unsqueeze(-1)      # [..., P, T, 1]
     moved = (1 - a) * pokes[..., None, 0:2] + a * pokes[..., None, 2:4]
-    out[torch.arange(len(out), device=out.device)[:, None], poke_index] = moved
-    return out.reshape(*lead, N, T, 2)
+    index = poke_index[..., None, None].expand(*poke_index.shape, T, 2)
+    return static_baseline(start_xy, T).to(pokes.dtype).scatter(-3, index, moved)
 
 def to_window(pred, T_window):
     """The model's frames -> the protocol's window (Sec. A: a 64-frame prediction subsampled to 16)."""
-    from libero import resample_time
     return pred if pred.shape[-2] == T_window else resample_time(pred, T_window)
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation clips: any source data.py reads; "synthetic" is a stream no training run or validation draws
+# -------------- Evaluation clips: any source data.py reads; "synthetic" is a stream no training run or validation draws
 
-def evaluation_items(source, T, count, make_item, synth_tracks=1024, seed=0):
-    """make_item(clip, index) -> an item or None (a window without what the protocol needs) for the first window of
-    T frames of each clip, until count items; unreadable and too short clips are skipped with a warning."""
-    from data import SPLITS, find_clips, load_ref, make_synthetic_clip
-    from tqdm import tqdm
+def evaluation_items(source, T, count, pick, cfg, seed=0):
+    """The first window of T frames of each clip as dict(image, tracks [N, T, 2], visible [N, T], text) -> pick(item,
+    index) -> an item or None (the protocol's needs unmet), until count; cfg: the VAE's; bad clips skipped, warned."""
     refs = None if source == "synthetic" else find_clips(os.fspath(source))
     items, looked = [], 0
     with tqdm(total=count, desc="clips", leave=False) as bar:
         while len(items) < count and looked < (20 * count + 100 if refs is None else len(refs)):
             try:
-                clip = make_synthetic_clip((seed, looked, SPLITS["eval"]), T, 256, 256, synth_tracks, "first") \
+                clip = make_synthetic_clip((seed, looked, SPLITS["eval"]), T, 256, 256, cfg.synth_tracks, "first") \
                     if refs is None else load_ref(refs[looked])
                 assert len(clip["tracks"]) >= T, f"{refs[looked]}: {len(clip['tracks'])} frames, a window needs {T}"
-                item = make_item({k: v[:T] if k in ("tracks", "visibility") else v for k, v in clip.items()}, looked)
+                (H, W), tracks = clip["video"].shape[1:3], clip["tracks"][:T].transpose(1, 0, 2)
+                item = pick(dict(image=prepare_image(clip["video"][0], cfg.image_size)[1], text=clip["text"],
+                                 tracks=torch.from_numpy(pixels_to_unit(tracks, W, H).astype(np.float32)),
+                                 visible=torch.from_numpy(clip["visibility"][:T].T)), looked)
             except (ValueError, AssertionError) as e:
                 item = warnings.warn(f"skipping a clip: {e}")
             looked += 1
@@ -120,64 +120,43 @@ def evaluation_items(source, T, count, make_item, synth_tracks=1024, seed=0):
                          "tracks the protocol needs (see the warnings above)")
     return items
 
-def unit_tracks(clip):
-    """A clip's window -> unit tracks [N, T, 2] (x, y) float32 and visibility [N, T], the models' layout."""
-    from data import pixels_to_unit
-    H, W = clip["video"].shape[1:3]
-    return pixels_to_unit(clip["tracks"].transpose(1, 0, 2), W, H).astype(np.float32), clip["visibility"].T
-
-# ----------------------------------------------------------------------------------------------------
-# recon: the VAE's reconstruction PCK (Tables G, H)
+# -------------------------------------------------------------------- recon: the VAE's reconstruction PCK (Tables G, H)
 
 @torch.no_grad()
 def recon_scores(vae, items, visible_only=False, batch=8):
     """items: image [3, S, S], tracks [n_enc + n_dec, T, 2] (the first n_enc encoded, the rest held out), visible.
     -> ({method: {AE | MAE: pck}}, predictions): the VAE, static, and nearest neighbour (from the encoded tracks)."""
     device, n_enc = next(vae.parameters()).device, vae.cfg.n_enc
-    gt, visible = (torch.stack([it[k] for it in items]) for k in ("tracks", "visible"))
-    pred = []
-    for first in range(0, len(items), batch):
-        image = torch.stack([it["image"] for it in items[first:first + batch]]).to(device)
-        tracks = gt[first:first + batch].to(device)
-        pred.append(vae.decode(vae.encode(image, tracks[:, :n_enc])[0], image, tracks[:, :, 0]).float().cpu())
-    pred, mask, parts = torch.cat(pred), visible if visible_only else None, dict(AE=slice(0, n_enc), MAE=slice(n_enc, None))
-
-    def score(prediction, part):
-        return pck(prediction, gt[:, parts[part]], mask=None if mask is None else mask[:, parts[part]])
-    static = static_baseline(gt[:, :, 0], gt.shape[2])
-    return {"VAE": {p: score(pred[:, s], p) for p, s in parts.items()},
-            "static": {p: score(static[:, s], p) for p, s in parts.items()},
-            "nearest_neighbour": {"MAE": score(nearest_neighbour_baseline(gt[:, :n_enc], gt[:, n_enc:, 0]), "MAE")}}, pred
+    gt, visible, images = (torch.stack([it[k] for it in items]) for k in ("tracks", "visible", "image"))
+    pred = torch.cat([vae.decode(vae.encode(image, tracks[:, :n_enc])[0], image, tracks[:, :, 0]).float().cpu()
+                      for image, tracks in zip(images.to(device).split(batch), gt.to(device).split(batch))])
+    parts, static = dict(AE=slice(0, n_enc), MAE=slice(n_enc, None)), static_baseline(gt[:, :, 0], gt.shape[2])
+    score = lambda x, s: pck(x, gt[:, s], mask=visible[:, s] if visible_only else None)   # noqa: E731
+    scores = {m: {p: score(x[:, s], s) for p, s in parts.items()} for m, x in (("VAE", pred), ("static", static))}
+    nearest = nearest_neighbour_baseline(gt[:, :n_enc], gt[:, n_enc:, 0])
+    return dict(scores, nearest_neighbour={"MAE": score(nearest, parts["MAE"])}), pred
 
 def cmd_recon(args):
-    from data import prepare_image
-    from vae import load_vae
     vae = load_vae(args.vae, args.device)
     n = vae.cfg.n_enc + vae.cfg.n_dec
 
-    def make_item(clip, index):
-        tracks, visible = unit_tracks(clip)
-        usable = np.flatnonzero(visible[:, 0])   # visible in the window's first frame (Sec. A)
-        chosen = np.random.default_rng((args.seed, index)).permutation(usable)[:n]
-        return None if len(chosen) < n else dict(image=prepare_image(clip["video"][0], vae.cfg.image_size)[1], tracks=
-                                                 torch.from_numpy(tracks[chosen]), visible=torch.from_numpy(visible[chosen]))
-    items = evaluation_items(args.data, vae.cfg.n_frames, args.clips, make_item, vae.cfg.synth_tracks, args.seed)
+    def pick(it, index):   # n tracks visible in the window's first frame (Sec. A)
+        chosen = np.random.default_rng((args.seed, index)).permutation(np.flatnonzero(it["visible"][:, 0].numpy()))[:n]
+        return None if len(chosen) < n else dict(it, tracks=it["tracks"][chosen], visible=it["visible"][chosen])
+    items = evaluation_items(args.data, vae.cfg.n_frames, args.clips, pick, vae.cfg, args.seed)
     scores = recon_scores(vae, items, args.visible_only, args.batch)[0]
     print(f"recon: {args.vae} on {len(items)} windows of {vae.cfg.n_frames} frames from {args.data}; PCK at 256 px, "
           f"{vae.cfg.n_enc} encoded (AE) and {vae.cfg.n_dec} held-out (MAE) tracks")
-    keys = list(scores["VAE"]["AE"])
-    print(table(["method", "tracks"] + keys, [[m, p] + [r[k] for k in keys] for m, parts in scores.items()
-                                              for p, r in parts.items()]))
+    print(table(["method", "tracks", *scores["VAE"]["AE"]], [[m, p, *r.values()] for m, parts in scores.items()
+                                                             for p, r in parts.items()]))
     return dict(command="recon", vae=args.vae, data=args.data, clips=len(items), frames=vae.cfg.n_frames, pck=scores)
 
-# ----------------------------------------------------------------------------------------------------
-# tracks: trajectories from pokes or text (Sec. A; Fig. K's steps sweep)
+# ----------------------------------------------- tracks: trajectories from pokes or text (Sec. A; Fig. K's steps sweep)
 
 def track_items(items, n_tracks=40, seed=0, moving=True):
     """Sec. A's evaluation tracks: n_tracks visible in the first frame of each item (image, tracks [N, T, 2], visible
     [N, T], text), non-static first in data.select_eval_tracks's order (pokes from the first n). moving: items with
     fewer than n_tracks non-static tracks are left out (else every item keeps as many as the poorest has)."""
-    from data import is_static, select_eval_tracks
     picked = [(it, select_eval_tracks(it["tracks"].numpy(), it["visible"].numpy(), n_tracks, seed + i))
               for i, it in enumerate(items)]
     if moving:
@@ -188,13 +167,9 @@ def track_items(items, n_tracks=40, seed=0, moving=True):
 @torch.no_grad()
 def track_rows(planner, vae, items, settings, k=8, steps=(10,), guidance=1.0, poke_guidance=0.0, text=False, seed=0,
                batch=4):
-    """K samples per item decoded at its evaluation tracks' start points: Min/Mean/Single/MeanT MSE over all of them,
-    EPE over the poked ones, the unpoked tracks' Min-MSE and the diversity, per poke count in settings (0 = none;
-    pokes from the first n tracks to where they are at the window's last frame) and step count, beside the static
-    and straight-to-the-poke baselines on the same tracks and pokes. The same noise for every setting."""
-    from data import sample_pokes
-    from planner import PokeGuide
-    from trainer import autocast
+    """K samples per item decoded at its tracks' start points, per step count and poke count in settings (0 = none;
+    the first n tracks poked to their last-frame positions): Min/Mean/Single/MeanT MSE, EPE (poked), unpoked Min-MSE,
+    diversity; beside static and straight-to-the-poke on the same tracks and pokes. The same noise for every setting."""
     device, gt = next(planner.parameters()).device, torch.stack([it["gt"] for it in items])
     T, rows = gt.shape[2], []
 
@@ -211,14 +186,14 @@ def track_rows(planner, vae, items, settings, k=8, steps=(10,), guidance=1.0, po
     for n_steps in steps:
         for n in settings:
             preds = []
-            for b, first in enumerate(range(0, len(items), batch)):
-                part = slice(first, first + batch)
+            for b, part in enumerate(slice(i, i + batch) for i in range(0, len(items), batch)):
                 image = torch.stack([it["image"] for it in items[part]])
+                poke = rep(pokes[n][part]) if n else None
                 with autocast(device):
                     tokens = rep(vae.image_tokens(image.to(device)))
-                    guide = PokeGuide(planner, vae, rep(image), rep(pokes[n][part]), strength=poke_guidance,
+                    guide = PokeGuide(planner, vae, rep(image), poke, strength=poke_guidance,
                                       image_tokens=tokens) if poke_guidance and n else None
-                    z = planner.sample(rep(image), pokes=rep(pokes[n][part]) if n else None, steps=n_steps, cfg=guidance,
+                    z = planner.sample(rep(image), pokes=poke, steps=n_steps, cfg=guidance,
                                        text=[it["text"] for it in items[part] for _ in range(k)] if text else None,
                                        generator=torch.Generator().manual_seed(seed * 1_000_003 + b), guide=guide)
                     pred = vae.decode(z, rep(image), rep(gt[part, :, 0]), image_tokens=tokens).float().cpu()
@@ -238,9 +213,6 @@ def planner_scores(planner, vae, items, k=8, steps=10):
     return dict(out, static=rows[0]["min"])
 
 def cmd_tracks(args):
-    from data import prepare_image
-    from planner import load_planner
-    from vae import load_vae
     vae = load_vae(args.vae, args.device)
     planner = load_planner(args.planner, args.device, vae, args.vae)
     T, settings = args.window or vae.cfg.n_frames, [args.tracks if p == "dense" else p for p in args.pokes]
@@ -248,13 +220,8 @@ def cmd_tracks(args):
         raise ValueError(f"--pokes {max(settings)}: more pokes than the --tracks {args.tracks} evaluation tracks")
     if args.poke_guidance < 0:
         raise ValueError(f"--poke-guidance {args.poke_guidance}: expected a strength >= 0 (0 = the paper's sampler)")
-
-    def make_item(clip, index):
-        tracks, visible = unit_tracks(clip)
-        return dict(image=prepare_image(clip["video"][0], vae.cfg.image_size)[1], tracks=torch.from_numpy(tracks),
-                    visible=torch.from_numpy(visible), text=clip["text"])
-    items = [it[0] for it in evaluation_items(args.data, T, args.clips, lambda clip, i: track_items(
-        [make_item(clip, i)], args.tracks, args.seed + i) or None, vae.cfg.synth_tracks, args.seed)]
+    items = [it[0] for it in evaluation_items(args.data, T, args.clips, lambda it, i: track_items(
+        [it], args.tracks, args.seed + i) or None, vae.cfg, args.seed)]
     if args.text and not any(it["text"] for it in items):
         raise ValueError(f"--text: the clips of {args.data} carry no text")
     rows = track_rows(planner, vae, items, settings, args.k, args.steps, args.guidance, args.poke_guidance, args.text,
@@ -265,43 +232,35 @@ def cmd_tracks(args):
     keys = ["min", "mean", "single", "meanT", "epe", "min_unpoked", "diversity"]
     print(table(["method", "steps", "pokes", "Min-MSE", "Mean-MSE", "Single-MSE", "MeanT-MSE", "EPE", "unpoked Min-MSE",
                  "diversity"], [[r["method"], r["steps"], r["pokes"]] + [r[k] for k in keys] for r in rows]))
-    return dict(command="tracks", vae=args.vae, planner=args.planner, data=args.data, clips=len(items), k=args.k, window=T,
-                model_frames=vae.cfg.n_frames, n_tracks=args.tracks, text=args.text, poke_guidance=args.poke_guidance,
-                rows=rows)
+    return dict(command="tracks", vae=args.vae, planner=args.planner, data=args.data, clips=len(items), k=args.k,
+                window=T, model_frames=vae.cfg.n_frames, n_tracks=args.tracks, text=args.text,
+                poke_guidance=args.poke_guidance, rows=rows)
 
-# ----------------------------------------------------------------------------------------------------
-# libero: Table E, trajectory prediction on held-out LIBERO windows
+# ---------------------------------------------------- libero: Table E, trajectory prediction on held-out LIBERO windows
 
 def libero_batch(source, window=16, n_tracks=32, image_size=224, count=16, seed=0):
     """Held-out windows (the val split's demos) whose every view has n_tracks non-static tracks (Table E), stacked."""
-    from data import is_static
-    from libero import LiberoDataset
-    dataset, items = LiberoDataset(source, "val", n_frames=window, window=window, n_tracks=n_tracks,
-                                   image_size=image_size, seed=seed), []
-    for i in range(len(dataset)):
-        it = dataset[i]
-        if len(items) < count and not any(is_static(t.numpy()).any() for t in it["tracks"]):
-            items.append(it)
+    dataset = LiberoDataset(source, "val", n_frames=window, window=window, n_tracks=n_tracks, image_size=image_size,
+                            seed=seed)
+    items = [it for it in map(dataset.__getitem__, range(len(dataset)))
+             if not any(is_static(t.numpy()).any() for t in it["tracks"])][:count]
     if not items:
         raise ValueError(f"--data {source}: no held-out window with {n_tracks} non-static tracks in every view")
     return {k: torch.stack([it[k] for it in items]) for k in ("image", "tracks", "task_emb", "timestep")}
 
 @torch.no_grad()
 def libero_scores(planner, vae, batch, k=8, steps=10, seed=0):
-    """Table E per view: K plans of both grids from the task, timestep and start frames, each view decoded at its
-    tracks' start points and subsampled to the window (Sec. A); Min-MSE at 128 px beside static, the VAE's own
-    reconstruction of the true tracks (the floor) and the planner with its start frames dropped; and the direction
-    cosine of one plan (and of the VAE's reconstruction)."""
-    from libero import VIEWS, resample_time
+    """Table E per view: K plans of both grids from the task, timestep and start frames, decoded at the view's start
+    points, subsampled to the window (Sec. A): Min-MSE at 128 px beside static, the VAE's reconstruction (the floor)
+    and the planner without its start frames; the direction cosine of one plan and of the reconstruction."""
     device = next(planner.parameters()).device
     image, gt = batch["image"].to(device), batch["tracks"].to(device)
-    W, T, n = len(gt), gt.shape[3], planner.n_latents
+    W, T, n, gen = len(gt), gt.shape[3], planner.n_latents, torch.Generator().manual_seed(seed)
     rep = lambda x: x.repeat_interleave(k, 0).to(device)   # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
     conditions = dict(task_emb=rep(batch["task_emb"]), timestep=rep(batch["timestep"]))
     z = planner.sample(rep(image), steps=steps, generator=gen, **conditions)
-    z_blind = planner.sample(rep(image), steps=steps, generator=gen, image_mask=torch.zeros(W * k, dtype=torch.bool,
-                                                                                           device=device), **conditions)
+    blind = torch.zeros(W * k, dtype=torch.bool, device=device)   # the start frames dropped
+    z_blind = planner.sample(rep(image), steps=steps, generator=gen, image_mask=blind, **conditions)
     out = {}
     for v, name in enumerate(VIEWS):
         def decode(grid):   # [W * s, n, C] -> [W, s, N, T, 2]
@@ -310,29 +269,26 @@ def libero_scores(planner, vae, batch, k=8, steps=10, seed=0):
             return to_window(pred.float(), T).reshape(W, s, *gt.shape[2:])
         rec = decode(vae.encode(image[:, v], resample_time(gt[:, v], vae.cfg.n_frames)[:, :vae.cfg.n_enc])[0])
         plans = decode(z[:, v * n:(v + 1) * n])
-        out.update({f"{name}_min": trajectory_mse(plans, gt[:, v])["min"],
-                    f"{name}_no_frame": trajectory_mse(decode(z_blind[:, v * n:(v + 1) * n]), gt[:, v])["min"],
-                    f"{name}_static": trajectory_mse(static_baseline(gt[:, v, :, 0], T)[:, None], gt[:, v])["min"],
-                    f"{name}_floor": trajectory_mse(rec, gt[:, v])["min"],
-                    f"{name}_direction": direction_cosine(plans[:, 0], gt[:, v]),
+        preds = dict(min=plans, no_frame=decode(z_blind[:, v * n:(v + 1) * n]),
+                     static=static_baseline(gt[:, v, :, 0], T)[:, None], floor=rec)
+        out.update({f"{name}_{c}": trajectory_mse(x, gt[:, v])["min"] for c, x in preds.items()})
+        out.update({f"{name}_direction": direction_cosine(plans[:, 0], gt[:, v]),
                     f"{name}_floor_direction": direction_cosine(rec[:, 0], gt[:, v])})
     return out
 
 def libero_report(planner, vae, data, n_tracks=32, count=16, k=8, steps=10, seed=0):
     """Table E printed and returned: libero_scores on count held-out windows of data."""
-    from libero import VIEWS
     batch = libero_batch(data, planner.cfg.window, n_tracks, vae.cfg.image_size, count, seed)
     scores = libero_scores(planner, vae, batch, k, steps, seed)
     print(f"libero (Table E): {len(batch['tracks'])} held-out windows of {planner.cfg.window} frames from {data}, "
-          f"{n_tracks} non-static tracks per view, K = {k}, Min-MSE at 128 px; direction: one plan's cosine with the truth")
+          f"{n_tracks} non-static tracks per view, K = {k}, Min-MSE at 128 px; direction: one plan's cosine with the "
+          "truth")
     cols = ["min", "no_frame", "static", "floor", "direction", "floor_direction"]
     print(table(["view", "planner", "frames dropped", "static", "VAE floor", "direction", "VAE direction"],
                 [[v] + [scores[f"{v}_{c}"] for c in cols] for v in VIEWS]))
     return dict(scores, windows=len(batch["tracks"]))
 
 def cmd_libero(args):
-    from planner import load_planner
-    from vae import load_vae
     vae_path = args.vae or load_planner(args.planner).cfg.vae
     vae = load_vae(vae_path, args.device)
     planner = load_planner(args.planner, args.device, vae, vae_path)
@@ -341,8 +297,7 @@ def cmd_libero(args):
     return dict(command="libero", planner=args.planner, vae=vae_path, data=args.data, k=args.k, scores=libero_report(
         planner, vae, args.data, args.tracks, args.clips, args.k, args.steps[0], args.seed))
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
+# --------------------------------------------------------------------------------------------------------- Command line
 
 def table(header, rows):
     """A plain-text table, the first column left-aligned."""
@@ -367,17 +322,17 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     one = lambda text: counts(text)[0]   # noqa: E731
     for name, run in (("recon", cmd_recon), ("tracks", cmd_tracks), ("libero", cmd_libero)):
-        p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p, lib = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter), name == "libero"
         p.set_defaults(run=run)
-        p.add_argument("--vae", default=None if name == "libero" else "out/tiny/vae/ckpt.pt",
-                       help="VAE checkpoint" + (" (default: the planner's own)" if name == "libero" else ""))
+        p.add_argument("--vae", default=None if lib else "out/tiny/vae/ckpt.pt",
+                       help="VAE checkpoint" + " (default: the planner's own)" * lib)
         if name != "recon":
-            p.add_argument("--planner", default=f"out/tiny/planner{'-libero' * (name == 'libero')}/ckpt.pt")
+            p.add_argument("--planner", default=f"out/tiny/planner{'-libero' * lib}/ckpt.pt")
             p.add_argument("--k", type=one, default=8, help="samples per window (Table E: 8)")
             p.add_argument("--steps", type=counts, default=[10], help="Euler steps, e.g. 1,2,5,10,20,50 (Fig. K)")
-            p.add_argument("--tracks", type=one, default=32 if name == "libero" else 40, help="evaluation tracks per window")
-        p.add_argument("--data", default="data/robot" if name == "libero" else "synthetic",
-                       help="LIBERO demos (.hdf5)" if name == "libero" else "synthetic, a folder of .npz clips, .tar shards")
+            p.add_argument("--tracks", type=one, default=32 if lib else 40, help="evaluation tracks per window")
+        p.add_argument("--data", default="data/robot" if lib else "synthetic",
+                       help="LIBERO demos (.hdf5)" if lib else "synthetic, a folder of .npz clips, .tar shards")
         p.add_argument("--clips", type=one, default={"recon": 64, "tracks": 32, "libero": 16}[name], help="windows")
         p.add_argument("--seed", type=int, default=0, help="synthetic clips and track choice")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -390,17 +345,16 @@ def main(argv=None):
                    help="poke counts; dense = every evaluation track, 0 = none")
     p.add_argument("--text", action="store_true", help="condition on each clip's text")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--poke-guidance", type=float, default=0.0, help="planner.PokeGuide's strength (ours; 0 = the paper's)")
+    p.add_argument("--poke-guidance", type=float, default=0.0,
+                   help="planner.PokeGuide's strength (ours; 0 = the paper's)")
     p.add_argument("--window", type=one, help="frames per window, the model's subsampled to it (default: the model's)")
     p.add_argument("--batch", type=one, default=4, help="windows per sampling batch (x K samples)")
     args = parser.parse_args(argv)
     try:
         if args.json:
-            from data import check_output
             check_output(args.json, "--json")
         out = args.run(args)
         if args.json:
-            from data import write_atomically
             write_atomically(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
             print(f"wrote {args.json}")
         return out
