@@ -9,7 +9,7 @@ Inputs are unit coordinates, (x, y) in [-1, 1], tracks [..., N, T, 2] and K samp
 "..." is clips, averaged over. Each metric maps to pixels as its protocol does: PCK (TAP-Vid, 256 px)
 p = (u + 1) / 2 (res - 1); MSE, EPE, diversity (ATM / WHN, 128 px) p = (u + 1) / 2 res. float64, python floats.
 """
-import argparse, json, os, warnings
+import argparse, itertools, json, os, warnings
 
 import numpy as np
 import torch
@@ -242,8 +242,9 @@ def libero_batch(source, window=16, n_tracks=32, image_size=224, count=16, seed=
     """Held-out windows (the val split's demos) whose every view has n_tracks non-static tracks (Table E), stacked."""
     dataset = LiberoDataset(source, "val", n_frames=window, window=window, n_tracks=n_tracks, image_size=image_size,
                             seed=seed)
-    items = [it for it in map(dataset.__getitem__, range(len(dataset)))
-             if not any(is_static(t.numpy()).any() for t in it["tracks"])][:count]
+    usable = (it for it in map(dataset.__getitem__, range(len(dataset)))
+              if not any(is_static(t.numpy()).any() for t in it["tracks"]))
+    items = list(itertools.islice(usable, count))   # (stops reading at count)
     if not items:
         raise ValueError(f"--data {source}: no held-out window with {n_tracks} non-static tracks in every view")
     return {k: torch.stack([it[k] for it in items]) for k in ("image", "tracks", "task_emb", "timestep")}

@@ -50,7 +50,7 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
     image_noise: float = 0.1           # LIBERO: Gaussian noise on the start frames, std uniform in [0, this]
     window: int = 16                   # LIBERO: the protocol's window (Table E), stretched to n_frames for training
     eval_tracks: int = 32              # LIBERO: non-static tracks per window and view (Table E)
-    norm_samples: int = 256            # latents measured for the normalisation (variance 0.5, DESIGN.md)
+    norm_samples: int = 256            # latents measured for the normalisation (ours: to variance 0.5)
     max_steps: int = 700_000           # Table F
     batch_start: int = 512
     batch_end: int = 2048
@@ -82,8 +82,7 @@ PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot",
                               micro_batch=16, log_every=100, val_every=1500, ckpt_every=250,
                               out_dir="out/tiny/planner-libero")
 
-# ----------------------------------------------------------------------------------------------------
-# Flow matching (minRF-sized): the loss, the training time and the Euler sampler
+# --------------------------------------- Flow matching (minRF-sized): the loss, the training time and the Euler sampler
 
 def flow_matching_loss(velocity_fn, x0, noise, t):
     """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0, mean squared error; t [B] in (0, 1)."""
@@ -136,8 +135,7 @@ class PokeGuide:
                 x = (x - (step[:, None] * grad).view_as(x)).detach()
         return x.to(x0.dtype)
 
-# ----------------------------------------------------------------------------------------------------
-# Conditions: time, text, and the frozen text encoder
+# ------------------------------------------------------------------ Conditions: time, text, and the frozen text encoder
 
 class TimeEmbed(nn.Module):
     """Flow time t in [0, 1] -> Fourier features -> MLP -> a time_dim vector for the adaptive norms."""
@@ -192,8 +190,7 @@ class TextEncoder:
                 out[i, :len(s)], mask[i, :len(s)] = s, True
         return out.to(device), mask.to(device)
 
-# ----------------------------------------------------------------------------------------------------
-# The planner
+# ---------------------------------------------------------------------------------------------------------- The planner
 
 class MotionPlanner(nn.Module):
     """Sec. B; LIBERO Sec. A. velocity(x, t, cond): normalised latents x [B, V * n_latents, C] at flow time t -> v.
@@ -330,8 +327,7 @@ def load_planner(path, device="cpu", vae=None, vae_path=None, make=None):
         check_pair(vae, planner.cfg.vae_fingerprint, f"VAE --planner {path} was trained on", vae_path)
     return planner
 
-# ----------------------------------------------------------------------------------------------------
-# Training: latents from the frozen VAE, conditions drawn per sample
+# --------------------------------------------------- Training: latents from the frozen VAE, conditions drawn per sample
 
 def training_conditions(tracks, texts, cfg, rng):
     """Each sample's task (--cond): pokes only (0.3), text only (0.3), both (0.3), neither (0.1: the null condition).
@@ -371,7 +367,7 @@ def make_loss(planner, vae, cfg):
 
 @torch.no_grad()
 def measure_latent_stats(vae, dataset, n, target_var=0.5, batch_size=32):
-    """shift = the mean of the VAE means of n training samples, scale = sqrt(target_var) / their std (DESIGN.md)."""
+    """shift = the mean of the VAE means of n training samples, scale = sqrt(target_var) / their std."""
     zs = []
     for first in range(0, n, batch_size):
         items = [dataset[i] for i in range(first, min(n, first + batch_size))]

@@ -108,11 +108,10 @@ def setup_distributed(device="auto"):
         torch.cuda.set_device(device)
     return rank, world, torch.device(device), owned
 
-def autocast(device):   # bf16 on CUDA, fp32 on CPU (where bf16 matmul is very slow; STYLE.md 5)
+def autocast(device):   # bf16 on CUDA, fp32 on CPU (where bf16 matmul is slow)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
-# ----------------------------------------------------------------------------------------------------
-# Schedules (Table F) and the order of the samples
+# --------------------------------------------------------------------- Schedules (Table F) and the order of the samples
 
 def lr_at(step, cfg):
     """Table F: linear warm-up, constant, then the warmup-stable-decay tail, linear to 0 over the last decay_frac."""
@@ -155,8 +154,7 @@ def step_batches(cfg, rank, world, step=0, sample=0):
             yield list(range(first, first + cfg.micro_batch))
         sample += n_acc * cfg.micro_batch * world
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, the last two kept
+# ------------------------------------------------------------------------------- Checkpoints: atomic, the last two kept
 
 def save_checkpoint(path, state):   # tensors and plain values only: every loader reads with weights_only=True
     write_atomically(path, lambda f: torch.save(state, f), keep_previous=True)
@@ -186,8 +184,7 @@ def latest_checkpoint(out_dir, kind, device="cpu"):
             except ValueError as e:
                 print(f"warning: skipping {e}")
 
-# ----------------------------------------------------------------------------------------------------
-# The training loop (nanoGPT-style)
+# ------------------------------------------------------------------------------------ The training loop (nanoGPT-style)
 
 def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=None, max_nonfinite=10):
     """loss_fn(net, batch) -> (loss, {name: tensor}), every random number drawn from batch["rng"] (a SampleRandom).

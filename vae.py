@@ -52,7 +52,7 @@ class VAEConfig(ImageConfig, TrainConfig):
     encode_offsets: bool = False       # ours: track tokens also embed the displacement (x - x0, y - y0)
     predict_offsets: bool = False      # ours: predict offsets from the start point (Sec. B: absolute is best at scale)
     fourier_bands: int = 32
-    rope_max_freq_space: float = 40 * math.pi  # resolves about one pixel on [-1, 1] (DESIGN.md "Conventions")
+    rope_max_freq_space: float = 40 * math.pi  # resolves about one pixel on [-1, 1] (README "Conventions")
     rope_max_freq_time: float = 10 * math.pi
     kl_weight: float = 1e-7            # Table F
     recon_loss: str = "l1"             # Sec. B: L1 (best), l2, huber
@@ -79,8 +79,7 @@ PRESETS = {
 PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, val_every=500, ckpt_every=250,
                              log_every=100, out_dir="out/tiny/vae-robot")
 
-# ----------------------------------------------------------------------------------------------------
-# Building blocks
+# ------------------------------------------------------------------------------------------------------ Building blocks
 
 def zero_init(linear):   # an output layer that starts at zero (DiT)
     nn.init.zeros_(linear.weight)
@@ -227,8 +226,7 @@ class ImageEncoder(nn.Module):
         assert image.dim() == 4 and image.shape[1:] == (3, self.size, self.size), f"image {list(image.shape)}"
         return self.net(pixel_values=image).last_hidden_state[:, self.n_skip:]
 
-# ----------------------------------------------------------------------------------------------------
-# The track VAE
+# -------------------------------------------------------------------------------------------------------- The track VAE
 
 class TrackVAE(nn.Module):
     """Sec. B. encode(image [B, 3, S, S], tracks [B, N, T, 2] unit (x, y)) -> (mean, logvar) [B, n_latents, C]:
@@ -385,7 +383,7 @@ def load_vae(path, device="cpu", make=None):
     return load_model(path, "vae", VAEConfig, lambda cfg: TrackVAE(cfg, pretrained=False), device, make)[0]
 
 def dry_run(cfg, model, groups, default):
-    """--dry-run: the config, the parameters by part (groups = {module name: part}; DESIGN.md's counts), the total."""
+    """--dry-run: the config, the parameters by part (groups = {module name: part}), the total."""
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     counts = {}
     for name, p in model.named_parameters():
@@ -395,8 +393,7 @@ def dry_run(cfg, model, groups, default):
     print(f"total parameters: {sum(counts.values())}")
     return counts
 
-# ----------------------------------------------------------------------------------------------------
-# Training and validation
+# ---------------------------------------------------------------------------------------------- Training and validation
 
 def vae_loss(net, batch):
     out = net(batch["image"], batch["tracks"], batch["visible"], rng=batch["rng"])
