@@ -1,13 +1,9 @@
-"""Data (DESIGN.md "Conventions", "Data"): the clip format, synthetic motion with exact tracks, drawing, track
-selection, tracker output and the authors' .tar shards, TrackDataset, and the file helpers every stage writes with.
+"""Data (DESIGN.md "Conventions", "Data"): clips, synthetic motion with exact tracks, drawing, track selection, tracker
+output and the authors' .tar shards, TrackDataset, and the file helpers every stage writes with.
 
     python3 data.py synth --out data/synth --n 100            # synthetic clips with exact tracks (.npz)
     python3 data.py show data/synth/000000.npz --out clip.gif  # tracks over the video, blue -> red in time
     python3 data.py import --video v.mp4 --tracks t.npy --layout NT2 --order yx --units unit --out clip.npz
-
-A clip is one .npz: video uint8 [T, H, W, 3], tracks float32 [T, N, 2] pixels (x, y), visibility bool [T, N] (True =
-visible), optionally text (a string) and actions float32 [T, A]. Unit coordinates: u = 2 p / (size - 1) - 1 over the
-width (x) and the height (y); model items hold tracks [N, T, 2], tracks first.
 """
 import argparse, glob, io, os, tarfile, warnings, zipfile
 
@@ -21,7 +17,7 @@ IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 
 SPLITS = {"train": 1, "val": 2, "eval": 7}   # seed tags of the synthetic streams (eval.py draws from "eval")
 
 def pixels_to_unit(xy, width, height):
-    """(x, y) pixels [..., 2] -> unit coordinates u = 2 p / (size - 1) - 1 (numpy or torch)."""
+    """(x, y) pixels [..., 2] -> unit coordinates u = 2 p / (size - 1) - 1 over width, height (numpy or torch)."""
     return 2 * xy / _extent(xy, width, height) - 1
 
 def unit_to_pixels(xy, width, height):
@@ -29,12 +25,10 @@ def unit_to_pixels(xy, width, height):
 
 def _extent(xy, width, height):
     if isinstance(xy, torch.Tensor):
-        dtype = xy.dtype if xy.is_floating_point() else None
-        return torch.tensor([width - 1.0, height - 1.0], dtype=dtype, device=xy.device)
+        return xy.new_tensor([width - 1.0, height - 1.0])   # xy's dtype and device
     return np.array([width - 1.0, height - 1.0], dtype=xy.dtype if np.asarray(xy).dtype.kind == "f" else None)
 
-# ----------------------------------------------------------------------------------------------------
-# Files: outputs are checked first and written atomically; bad input is a ValueError that names it
+# ----------------- Files: outputs are checked first and written atomically; bad input is a ValueError that names it
 
 def cli(main):
     """Run a command's main(): bad input (a file, a flag, a checkpoint) is a ValueError, printed without a traceback."""
@@ -52,8 +46,7 @@ def check_output(path, flag, folder=False):
         raise ValueError(f"{flag} {path}: something else is in the way (expected {'a folder' if folder else 'a file'})")
 
 def write_atomically(path, write, keep_previous=False):
-    """write(f) into path.tmp, fsync, rename over path: a kill leaves the old file or the new one, never half of one.
-    keep_previous: the current file is hard-linked to path.prev first (trainer's checkpoints: the last two kept)."""
+    """write(f) to path.tmp, fsync, rename over path: never half a file; keep_previous: the old one -> path.prev."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         with open(path + ".tmp", "wb") as f:
@@ -74,40 +67,35 @@ def expect(name, field, ok, expected, array):
     if not ok:
         raise ValueError(f"{name}: field '{field}' is {array.dtype} {list(array.shape)}, expected {expected}")
 
-# ----------------------------------------------------------------------------------------------------
-# The clip format, validated on every load and save
+# --------- Clips: the format (one .npz, validated on every load and save), tracker output, the authors' .tar shards
 
 def validate_clip(clip, name="clip"):
-    """Check every field of a clip dict; -> it normalised (float32 tracks, str text), or a ValueError naming the file
-    and the field."""
+    """A clip: video uint8 [T, H, W, 3], tracks float [T, N, 2] (x, y) pixels, visibility bool [T, N], optionally text
+    (a string) and actions float [T, A] -> it normalised (float32, str), or a ValueError naming the file and field."""
     missing = [k for k in ("video", "tracks", "visibility") if clip.get(k) is None]
     if missing:
         raise ValueError(f"{name}: missing field '{missing[0]}' (a clip needs video, tracks and visibility)")
     video, tracks, vis = (np.asarray(clip[k]) for k in ("video", "tracks", "visibility"))
     expect(name, "video", video.dtype == np.uint8 and video.ndim == 4 and video.shape[-1] == 3 and min(video.shape) > 0,
            "uint8 [T, H, W, 3], not empty", video)
-    expect(name, "tracks", tracks.dtype.kind == "f" and tracks.ndim == 3 and tracks.shape[-1] == 2 and tracks.shape[1] > 0
-           and len(tracks) == len(video), f"float [T, N, 2] (x, y) pixels, T = {len(video)} as 'video', N > 0", tracks)
+    expect(name, "tracks", tracks.dtype.kind == "f" and tracks.ndim == 3 and len(tracks) == len(video) and
+           tracks.shape[1] > 0 and tracks.shape[2] == 2, f"float [T, N > 0, 2], T = {len(video)} as 'video'", tracks)
     expect(name, "tracks", np.isfinite(tracks).all(), "finite pixel coordinates (no NaN or inf)", tracks)
-    expect(name, "visibility", vis.dtype == np.bool_ and vis.shape == tracks.shape[:2], f"bool [T, N] = "
-           f"{list(tracks.shape[:2])} like 'tracks'", vis)
-    out = dict(video=video, tracks=tracks.astype(np.float32, copy=False), visibility=vis, text=None, actions=None)
-    if clip.get("actions") is not None:
-        actions = np.asarray(clip["actions"])
-        expect(name, "actions", actions.dtype.kind == "f" and actions.ndim == 2 and len(actions) == len(video),
-               f"float [T, A], T = {len(video)}", actions)
-        out["actions"] = actions.astype(np.float32)
-    if clip.get("text") is not None:
-        text = np.asarray(clip["text"])
-        expect(name, "text", text.dtype.kind == "U" and text.ndim == 0, "a string", text)
-        out["text"] = str(clip["text"])
-    return out
+    expect(name, "visibility", vis.dtype == np.bool_ and vis.shape == tracks.shape[:2],
+           f"bool [T, N] = {list(tracks.shape[:2])} like 'tracks'", vis)
+    actions, text = (None if clip.get(k) is None else np.asarray(clip[k]) for k in ("actions", "text"))
+    expect(name, "actions", actions is None or actions.dtype.kind == "f" and actions.ndim == 2
+           and len(actions) == len(video), f"float [T, A], T = {len(video)}", actions)
+    expect(name, "text", text is None or text.dtype.kind == "U" and text.ndim == 0, "a string", text)
+    return dict(video=video, tracks=tracks.astype(np.float32, copy=False), visibility=vis,
+                text=None if text is None else str(text),
+                actions=None if actions is None else actions.astype(np.float32))
 
-def read_field(npz, key, path):
+def load_npy(src, name, field):
     try:
-        return npz[key]
-    except ValueError as e:   # e.g. an object array, which would need pickle
-        raise ValueError(f"{path}: field '{key}' cannot be read ({e})") from None
+        return np.load(io.BytesIO(src) if isinstance(src, bytes) else src, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{name}: field '{field}' is not a readable .npy ({e})") from None
 
 def save_clip(path, video, tracks, visibility, text=None, actions=None, compress=False):
     """Validate and write one clip .npz atomically (text as a 0-d unicode array: it loads without pickle)."""
@@ -122,36 +110,97 @@ def load_clip(path):
             magic = f.read(4)
         if magic[:2] != b"PK":   # an .npz is a zip archive; an image, a .npy or a text file is not a clip
             raise ValueError(f"not a .npz clip (a zip of named arrays, as data.save_clip writes; it starts {magic!r})")
-        with np.load(path, allow_pickle=False) as npz:
-            return validate_clip({key: read_field(npz, key, path) for key in npz.files}, str(path))
+        with zipfile.ZipFile(path) as npz:   # np.load's .npz, read member by member to name a bad field
+            fields = {n[:-4]: load_npy(npz.read(n), path, n[:-4]) for n in npz.namelist() if n.endswith(".npy")}
+        return validate_clip(fields, str(path))
     except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise ValueError(e if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
-# ----------------------------------------------------------------------------------------------------
-# Synthetic motion: textured shapes on a textured background, tracks computed analytically
+def read_video(src, name=None, extension=None):
+    """A video (a path, or bytes with extension=".mp4") -> uint8 [T, H, W, 3]."""
+    try:
+        video = np.asarray(iio.imread(src, extension=extension))
+    except Exception as e:   # imageio raises many kinds of errors for a file it cannot decode
+        raise ValueError(f"{name or src}: field 'video' cannot be decoded ({e})") from None
+    video = np.repeat(video[..., None], 3, -1) if video.ndim == 3 else video   # gray -> RGB; RGBA loses its alpha
+    expect(name or src, "video", video.ndim == 4 and video.shape[-1] in (3, 4) and video.dtype == np.uint8,
+           "uint8 [T, H, W, 3]", video)
+    return video[..., :3]
+
+def import_clip(video, tracks, visibility=None, layout="TN2", order="xy", units="pixels", text=None, name="import"):
+    """Tracker output -> a validated clip. layout TN2 = [T, N, 2] or NT2 = [N, T, 2] (visibility follows); order xy
+    or yx; units pixels or unit ([-1, 1]). Without visibility a point is visible while inside the frame."""
+    tracks = np.asarray(tracks)
+    expect(name, "tracks", tracks.dtype.kind in "iuf" and tracks.ndim == 3 and tracks.shape[-1] == 2,
+           "numbers [T, N, 2] or [N, T, 2]", tracks)
+    if layout == "NT2":
+        tracks, visibility = tracks.transpose(1, 0, 2), None if visibility is None else np.asarray(visibility).T
+    tracks = np.ascontiguousarray(tracks[..., ::-1] if order == "yx" else tracks, np.float32)
+    H, W = np.asarray(video).shape[1:3]
+    tracks = unit_to_pixels(tracks, W, H) if units == "unit" else tracks
+    vis = ((tracks >= 0) & (tracks <= [W - 1, H - 1])).all(-1) if visibility is None else np.asarray(visibility)
+    vis = vis if vis.dtype == np.bool_ else vis > 0.5   # trackers write float or 0/1
+    return validate_clip(dict(video=video, tracks=tracks, visibility=vis, text=text), name)
+
+TAR_PARTS = ("video.mp4", "tracks_yx.npy", "visibility.npy")
+
+def index_tar(path):
+    """An uncompressed shard's complete samples (members '<key>.<part>') -> {key: {part: (offset, size)}}."""
+    samples = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                part = os.path.basename(member.name).partition(".")[2]
+                if member.isfile() and part in TAR_PARTS:   # the key: the name without '.<part>'
+                    samples.setdefault(member.name[:-len(part) - 1], {})[part] = (member.offset_data, member.size)
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: not a readable uncompressed .tar shard ({e})") from None
+    complete = {key: parts for key, parts in samples.items() if len(parts) == len(TAR_PARTS)}
+    if len(complete) < len(samples):
+        warnings.warn(f"{path}: skipped {len(samples) - len(complete)} samples without all of {TAR_PARTS}")
+    return complete
+
+def load_tar_sample(path, key, parts=None):
+    """One sample of the authors' layout -> a clip: tracks_yx.npy holds unit (y, x), made (x, y) pixels here."""
+    parts, name = index_tar(path)[key] if parts is None else parts, f"{path}:{key}"
+    with open(path, "rb") as f:
+        read = {part: (f.seek(offset), f.read(size))[1] for part, (offset, size) in parts.items()}
+    video = read_video(read["video.mp4"], name, ".mp4")
+    tracks_yx, visibility = (load_npy(read[f"{field}.npy"], name, field) for field in ("tracks_yx", "visibility"))
+    return import_clip(video, tracks_yx, visibility, order="yx", units="unit", name=name)
+
+def find_clips(source):
+    """A folder of .npz (or .tar) files, one file or a glob -> .npz paths and (shard, key, parts) of .tar samples."""
+    paths = sorted(glob.glob(os.path.join(source, "*.npz")) or glob.glob(os.path.join(source, "*.tar"))) \
+        if os.path.isdir(source) else sorted(glob.glob(source))
+    refs = [r for p in paths for r in ([(p, k, v) for k, v in sorted(index_tar(p).items())] if p.endswith(".tar")
+                                       else [p] if p.endswith(".npz") else [])]
+    if not refs:
+        raise ValueError(f"data source '{source}': no .npz clips or .tar samples (a folder, file, glob or 'synthetic')")
+    return refs
+
+def load_ref(ref):
+    return load_clip(ref) if isinstance(ref, str) else load_tar_sample(*ref)
+
+# ------------------------- Synthetic motion: textured shapes on a textured background, tracks computed analytically
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 205, 30),
           "purple": (140, 60, 200), "orange": (245, 135, 20), "cyan": (30, 200, 210), "pink": (245, 105, 180)}
 SHAPES = {   # point-in-shape tests in local coordinates: every shape fits in [-1, 1]^2 (y points down)
-    "square": lambda x, y: np.maximum(np.abs(x), np.abs(y)) <= 1,
-    "circle": lambda x, y: x * x + y * y <= 1,
-    "ring": lambda x, y: np.abs(x * x + y * y - 0.65) <= 0.35,
-    "triangle": lambda x, y: (y <= 1) & (2 * np.abs(x) <= y + 1),
-    "diamond": lambda x, y: np.abs(x) + np.abs(y) <= 1,
-    "bar": lambda x, y: (np.abs(x) <= 1) & (np.abs(y) <= 0.45),
-}
+    "square": lambda x, y: np.maximum(abs(x), abs(y)) <= 1, "circle": lambda x, y: x * x + y * y <= 1,
+    "ring": lambda x, y: abs(x * x + y * y - 0.65) <= 0.35, "triangle": lambda x, y: (y <= 1) & (2 * abs(x) <= y + 1),
+    "diamond": lambda x, y: abs(x) + abs(y) <= 1, "bar": lambda x, y: (abs(x) <= 1) & (abs(y) <= 0.45)}
 DIRECTIONS = ("to the right", "to the upper right", "up", "to the upper left", "to the left", "to the lower left",
               "down", "to the lower right")
 
 def smooth_noise(rng, h, w, channels=1, cells=(12, 4), wrap=False):
-    """Value noise in [0, 1] [h, w, channels]: two random grids (cells in pixels) upsampled bilinearly and mixed, with
-    contrast at a few pixels, so a track 2 px off lands on another colour. wrap: periodic."""
+    """Value noise in [0, 1] [h, w, channels]: random grids (cells: spacing in px) mixed bilinearly; wrap: periodic."""
     def lerp(grid, n, cell, axis):
         u = np.arange(n) / cell
         i0 = np.floor(u).astype(int)
         f = (u - i0).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(grid.ndim)])
-        return np.take(grid, i0, axis) * (1 - f) + np.take(grid, (i0 + 1) % grid.shape[axis] if wrap else i0 + 1,
-                                                           axis) * f
+        i1 = (i0 + 1) % grid.shape[axis] if wrap else i0 + 1
+        return np.take(grid, i0, axis) * (1 - f) + np.take(grid, i1, axis) * f
     total = np.zeros((h, w, channels), np.float32)
     for weight, cell in zip((0.65, 0.35), cells):
         gh, gw = (h // cell, w // cell) if wrap else ((h - 1) // cell + 2, (w - 1) // cell + 2)
@@ -163,14 +212,11 @@ def random_vector(rng, length):
     return length * np.array([np.cos(angle), np.sin(angle)])
 
 def random_scene(seed, T=64, H=256, W=256):
-    """A random scene (a plain dict; edit it to build one by hand, as the tests do): background uint8 [P, P, 3]
-    (periodic, P >= H, W), pan [T, 2] camera offset in pixels, and shapes back to front, each with kind, color,
-    radius (px), texture uint8 [S, S, 3] over local [-1, 1]^2, and per frame center [T, 2], angle [T], scale [T]."""
-    rng = np.random.default_rng(seed)
-    size, tau = min(H, W), np.linspace(0, 1, T)[:, None]
+    """A random scene dict: background uint8 [P, P, 3] (periodic, P >= H, W), pan [T, 2] (camera offset, px), shapes
+    back to front: kind, color, radius (px), texture uint8 [S, S, 3] on local [-1, 1]^2, center [T, 2], angle, scale."""
+    rng, size, tau = np.random.default_rng(seed), min(H, W), np.linspace(0, 1, T)[:, None]
     period = -(-max(H, W) // 16) * 16
-    gray = smooth_noise(rng, period, period, 1, (8, 4), wrap=True)
-    tint = smooth_noise(rng, period, period, 3, (16, 4), wrap=True)
+    gray, tint = (smooth_noise(rng, period, period, c, (cell, 4), wrap=True) for c, cell in ((1, 8), (3, 16)))
     background = (255 * (0.05 + 0.9 * (0.75 * gray + 0.25 * tint))).astype(np.uint8)
     pan = tau * random_vector(rng, rng.uniform(0.05, 0.25) * size) if rng.random() < 0.3 else np.zeros((T, 2))
     n, shapes = int(rng.integers(1, 7)), []
@@ -199,8 +245,7 @@ def _pose(shape, pan, frames, ndim):
 def to_local(shape, pan, frames, x, y):
     """Screen pixels (x, y) [F, ...] -> the shape's local coordinates at those frames."""
     cx, cy, cos, sin, size = _pose(shape, pan, frames, x.ndim)
-    dx, dy = x - cx, y - cy
-    return (cos * dx + sin * dy) / size, (cos * dy - sin * dx) / size
+    return (cos * (x - cx) + sin * (y - cy)) / size, (cos * (y - cy) - sin * (x - cx)) / size
 
 def to_screen(shape, pan, frames, lx, ly):
     """Local coordinates [F, ...] -> screen pixels: the shape's similarity transform at those frames."""
@@ -208,43 +253,34 @@ def to_screen(shape, pan, frames, lx, ly):
     return cx + size * (cos * lx - sin * ly), cy + size * (sin * lx + cos * ly)
 
 def render_scene(scene, H, W, frames):
-    """The given frames -> uint8 [F, H, W, 3]: the background shifted by the pan, then the shapes back to front,
-    each texture inverse-warped (nearest texel) inside the shape's bounding box."""
-    frames = np.asarray(frames)
-    background, pan = scene["background"], scene["pan"]
-    tiled = np.tile(background, (2, 2, 1))
-    offsets = np.rint(-pan[frames]).astype(int) % len(background)  # screen pixel p shows world point p - pan
+    """frames -> uint8 [F, H, W, 3]: the panned background, then each shape's texture inverse-warped (nearest texel)."""
+    frames, pan, tiled = np.asarray(frames), scene["pan"], np.tile(scene["background"], (2, 2, 1))
+    offsets = np.rint(-pan[frames]).astype(int) % len(scene["background"])  # screen pixel p shows world point p - pan
     video = np.stack([tiled[oy:oy + H, ox:ox + W] for ox, oy in offsets])
-    pixels = video.view("V3")[..., 0]  # one 3-byte item per pixel: fancy indexing then moves whole pixels
     for shape in scene["shapes"]:
         cx, cy, _, _, size = _pose(shape, pan, frames, 1)
         half = int(np.ceil(size.max() * np.sqrt(2))) + 1  # covers [-1, 1]^2 turned by any angle
-        xs = np.floor(cx)[:, None].astype(int) + np.arange(-half, half + 1)  # [F, B]
-        ys = np.floor(cy)[:, None].astype(int) + np.arange(-half, half + 1)
+        xs, ys = (np.floor(c)[:, None].astype(int) + np.arange(-half, half + 1) for c in (cx, cy))  # [F, B]
         lx, ly = to_local(shape, pan, frames, xs[:, None, :].astype(np.float32), ys[:, :, None].astype(np.float32))
         on = SHAPES[shape["kind"]](lx, ly) & ((xs >= 0) & (xs < W))[:, None, :] & ((ys >= 0) & (ys < H))[:, :, None]
         f, i, j = np.nonzero(on)
-        texture = np.ascontiguousarray(shape["texture"])
-        tx, ty = (np.rint((v[on] + 1) * (len(texture) - 1) / 2).astype(int) for v in (lx, ly))
-        pixels[f, ys[f, i], xs[f, j]] = texture.view("V3")[..., 0][ty, tx]
+        tx, ty = (np.rint((v[on] + 1) * (len(shape["texture"]) - 1) / 2).astype(int) for v in (lx, ly))
+        video[f, ys[f, i], xs[f, j]] = shape["texture"][ty, tx]
     return video
 
 def scene_tracks(scene, query, H, W):
-    """Exact tracks of first-frame points [N, 2] (x, y): each rides the topmost layer under it at frame 0 (a shape
-    by its pose, the background by the pan) -> tracks [T, N, 2], visibility [T, N] (covered or off screen: False)."""
+    """First-frame points [N, 2] -> exact tracks [T, N, 2] riding the topmost layer under them, visibility [T, N]."""
     pan, shapes = scene["pan"], scene["shapes"]
-    T, first = len(pan), slice(0, 1)
-    x0, y0 = query[None, :, 0], query[None, :, 1]
+    local = [to_local(shape, pan, slice(0, 1), query[None, :, 0], query[None, :, 1]) for shape in shapes]
     owner = np.full(len(query), -1)  # layer index; -1 = background
     for k, shape in enumerate(shapes):
-        owner[SHAPES[shape["kind"]](*to_local(shape, pan, first, x0, y0))[0]] = k
+        owner[SHAPES[shape["kind"]](*local[k])[0]] = k
     tracks = query[None] - pan[:1, None] + pan[:, None]
     for k, shape in enumerate(shapes):
         mine = owner == k
-        lx, ly = to_local(shape, pan, first, x0[:, mine], y0[:, mine])
-        tracks[:, mine, 0], tracks[:, mine, 1] = to_screen(shape, pan, slice(None), lx, ly)
+        tracks[:, mine, 0], tracks[:, mine, 1] = to_screen(shape, pan, slice(None), *(v[:, mine] for v in local[k]))
     x, y = tracks[..., 0], tracks[..., 1]
-    visible = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+    visible = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)   # on screen, and not under a later layer
     for k, shape in enumerate(shapes):
         visible &= ~(SHAPES[shape["kind"]](*to_local(shape, pan, slice(None), x, y)) & (owner < k))
     return tracks, visible
@@ -267,33 +303,26 @@ def direction_words(dx, dy):
 
 def describe_motion(scene, H, W):
     """A caption: the shape that travels furthest, else the pan, else a turn."""
-    small = 0.05 * min(H, W)
-    pan_move = scene["pan"][-1] - scene["pan"][0]
-    moves = [s["center"][-1] - s["center"][0] for s in scene["shapes"]]
-    k = int(np.argmax([np.hypot(*m) for m in moves])) if moves else -1
-    if k >= 0 and np.hypot(*moves[k]) > max(small, np.hypot(*pan_move)):
-        shape = scene["shapes"][k]
-        return f"the {shape['color']} {shape['kind']} moves {direction_words(*moves[k])}"
+    small, pan_move = 0.05 * min(H, W), scene["pan"][-1] - scene["pan"][0]
+    moves = [(s["center"][-1] - s["center"][0], s) for s in scene["shapes"]]
+    move, shape = max(moves, key=lambda m: np.hypot(*m[0]), default=(np.zeros(2), None))
+    if shape is not None and np.hypot(*move) > max(small, np.hypot(*pan_move)):
+        return f"the {shape['color']} {shape['kind']} moves {direction_words(*move)}"
     if np.hypot(*pan_move) > small:
         return f"the camera pans and the whole scene moves {direction_words(*pan_move)}"
-    for shape in scene["shapes"]:
-        if abs(shape["angle"][-1] - shape["angle"][0]) > 0.5:
-            return f"the {shape['color']} {shape['kind']} turns in place"
-    return "nothing moves much"
+    shape = next((s for s in scene["shapes"] if abs(s["angle"][-1] - s["angle"][0]) > 0.5), None)
+    return "nothing moves much" if shape is None else f"the {shape['color']} {shape['kind']} turns in place"
 
 def make_synthetic_clip(seed, T=64, H=256, W=256, n_tracks=1024, render="all", scene=None):
-    """A synthetic clip with exact tracks (load_clip's keys), a function of the seed (an int or a tuple of ints).
-    render="first": frame 0 only (all a training item needs). scene: random_scene's description to use instead."""
+    """A clip (load_clip's keys), exact tracks, from seed (int or tuple) or a given scene; render="first": frame 0."""
     rng = np.random.default_rng(seed)
     scene = random_scene(rng, T, H, W) if scene is None else scene
-    query = sample_queries(rng, scene, H, W, n_tracks)
-    tracks, visibility = scene_tracks(scene, query, H, W)
+    tracks, visibility = scene_tracks(scene, sample_queries(rng, scene, H, W, n_tracks), H, W)
     video = render_scene(scene, H, W, np.arange(len(scene["pan"]) if render == "all" else 1))
     return dict(video=video, tracks=tracks.astype(np.float32), visibility=visibility, text=describe_motion(scene, H, W),
                 actions=None)
 
-# ----------------------------------------------------------------------------------------------------
-# Drawing (PIL.ImageDraw): tracks coloured by time, blue -> green -> yellow -> red, as the paper's figures
+# --------- Drawing (PIL.ImageDraw): tracks coloured by time, blue -> green -> yellow -> red, as the paper's figures
 
 def time_colors(T):
     """The colour of each time step, uint8 [T, 3]: blue -> green -> yellow -> red."""
@@ -303,11 +332,12 @@ def time_colors(T):
     return np.rint(stops[i] * (1 - (pos - i)[:, None]) + stops[i + 1] * (pos - i)[:, None]).astype(np.uint8)
 
 def draw_tracks(image, tracks_px, colors=None, visible=None, upto=None, width=1, dot=2, outline=False):
-    """Paths over a copy of image (uint8 [H, W, 3]): tracks_px [N, T, 2] pixels, colors [T, 3] (default time_colors) or
-    [N, T, 3]; no segment touching a hidden point (visible [N, T]); upto: frames 0..upto and a dot; outline: black under."""
-    tracks = np.clip(np.asarray(tracks_px, np.float64), -2 * np.array(image.shape[1::-1]), 3 * np.array(image.shape[1::-1]))
+    """Paths over a copy of image uint8 [H, W, 3]: tracks_px [N, T, 2] pixels, colors [T, 3] (default time_colors) or
+    [N, T, 3]; no segment touches a hidden point (visible [N, T]); upto: frames 0..upto, a dot; outline: black under."""
+    extent = np.array(image.shape[1::-1])
+    tracks = np.clip(np.asarray(tracks_px, np.float64), -2 * extent, 3 * extent)
     N, T = tracks.shape[:2]
-    colors = np.broadcast_to(time_colors(T) if colors is None else np.asarray(colors, np.uint8), (N, T, 3))
+    colors = np.broadcast_to(time_colors(T) if colors is None else np.asarray(colors, np.uint8), (N, T, 3)).tolist()
     ok = np.ones((N, T), bool) if visible is None else np.asarray(visible, bool)
     last = T - 1 if upto is None else int(upto)
     picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
@@ -317,10 +347,10 @@ def draw_tracks(image, tracks_px, colors=None, visible=None, upto=None, width=1,
             for t in range(1, last + 1):
                 if ok[n, t - 1] and ok[n, t]:
                     draw.line([tuple(tracks[n, t - 1]), tuple(tracks[n, t])], width=width + extra,
-                              fill=(0, 0, 0) if black else tuple(int(c) for c in colors[n, t]))
+                              fill=(0, 0, 0) if black else tuple(colors[n][t]))
             if upto is not None and dot and ok[n, last]:
                 (x, y), r = tracks[n, last], dot + extra / 2
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 0, 0) if black else tuple(map(int, colors[n, last])))
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 0, 0) if black else tuple(colors[n][last]))
     return np.asarray(picture)
 
 def resize(frame, height, width):
@@ -338,133 +368,22 @@ def write_video(path, frames, fps=12):
 
 def track_picture(path, frames, track_sets, size=256):
     """One row per frame, one column per track set ([n, N, T, 2] unit coordinates, e.g. truth and prediction)."""
-    rows = [np.concatenate([draw_tracks(resize(frame, size, size), unit_to_pixels(np.asarray(t[i], np.float32),
-                                                                                     size, size)) for t in track_sets], 1)
-            for i, frame in enumerate(frames)]
-    save_image(path, np.concatenate(rows, axis=0))
+    def panel(frame, tracks):
+        return draw_tracks(resize(frame, size, size), unit_to_pixels(np.asarray(tracks, np.float32), size, size))
+    rows = [np.concatenate([panel(frame, t[i]) for t in track_sets], 1) for i, frame in enumerate(frames)]
+    save_image(path, np.concatenate(rows))
 
-# ----------------------------------------------------------------------------------------------------
-# Track selection: static tracks, the evaluation tracks (Sec. A), pokes
-
-def is_static(tracks, threshold=0.01, frac=0.95):
-    """bool [N]: a track [N, T, 2] is static when it stays within threshold of its start in at least frac of its
-    frames (0.01 in unit coordinates is about 1.3 px at 256)."""
-    tracks = np.asarray(tracks)
-    return (np.linalg.norm(tracks - tracks[:, :1], axis=-1) < threshold).mean(1) >= frac
-
-def select_eval_tracks(tracks, visibility=None, n=40, seed=0):
-    """Sec. A: the n evaluation tracks of a clip (tracks [N, T, 2], visibility [N, T]): visible in the first frame,
-    non-static ones first in a random order, topped up with static ones only when too few move. -> indices."""
-    tracks = np.asarray(tracks)
-    usable = np.ones(len(tracks), bool) if visibility is None else np.asarray(visibility)[:, 0].astype(bool)
-    rng, static = np.random.default_rng(seed), is_static(tracks)
-    return np.concatenate([rng.permutation(np.flatnonzero(usable & s)) for s in (~static, static)])[:n]
-
-def sample_pokes(tracks, n, end_t=1.0):
-    """Pokes (x0, y0, x1, y1, t) from the first n tracks [N, T, 2] (unit): the start, and the position at time
-    end_t in [0, 1] over the clip (rounded to a frame). -> pokes [n, 5] float32; torch in, torch out."""
-    array = tracks.detach().cpu().numpy() if isinstance(tracks, torch.Tensor) else np.asarray(tracks)
-    end = int(round(end_t * (array.shape[1] - 1)))
-    pokes = np.concatenate([array[:n, 0], array[:n, end], np.full((n, 1), end / max(array.shape[1] - 1, 1))], 1)
-    pokes = pokes.astype(np.float32)
-    return torch.from_numpy(pokes).to(tracks.device) if isinstance(tracks, torch.Tensor) else pokes
-
-# ----------------------------------------------------------------------------------------------------
-# Real video: a tracker's output and the authors' .tar shards
-
-def read_video(src, name=None, extension=None):
-    """A video (a path, or bytes with extension=".mp4") -> uint8 [T, H, W, 3]."""
-    try:
-        video = np.asarray(iio.imread(src, extension=extension))
-    except Exception as e:   # imageio raises many kinds of errors for a file it cannot decode
-        raise ValueError(f"{name or src}: field 'video' cannot be decoded ({e})") from None
-    video = np.repeat(video[..., None], 3, -1) if video.ndim == 3 else video
-    expect(name or src, "video", video.ndim == 4 and video.shape[-1] in (3, 4) and video.dtype == np.uint8,
-           "uint8 [T, H, W, 3]", video)
-    return video[..., :3]
-
-def load_npy(src, name, field):
-    try:
-        return np.load(io.BytesIO(src) if isinstance(src, bytes) else src, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{name}: field '{field}' is not a readable .npy ({e})") from None
-
-def import_clip(video, tracks, visibility=None, layout="TN2", order="xy", units="pixels", text=None, name="import"):
-    """Tracker output -> a validated clip. layout TN2 = [T, N, 2] or NT2 = [N, T, 2] (visibility follows); order xy
-    or yx; units pixels or unit ([-1, 1]). Without visibility a point is visible while inside the frame."""
-    tracks = np.asarray(tracks)
-    expect(name, "tracks", tracks.dtype.kind in "iuf" and tracks.ndim == 3 and tracks.shape[-1] == 2,
-            "numbers [T, N, 2] or [N, T, 2]", tracks)
-    tracks = tracks.astype(np.float32)
-    if layout == "NT2":
-        tracks, visibility = tracks.transpose(1, 0, 2), None if visibility is None else np.asarray(visibility).T
-    tracks = tracks[..., ::-1] if order == "yx" else tracks
-    H, W = np.asarray(video).shape[1:3]
-    tracks = unit_to_pixels(tracks, W, H) if units == "unit" else tracks
-    if visibility is None:
-        visibility = ((tracks >= 0) & (tracks <= np.array([W - 1, H - 1]))).all(-1)
-    visibility = np.asarray(visibility)
-    visibility = visibility if visibility.dtype == np.bool_ else visibility > 0.5   # trackers write float or 0/1
-    return validate_clip(dict(video=video, tracks=np.ascontiguousarray(tracks), visibility=visibility, text=text), name)
-
-TAR_PARTS = ("video.mp4", "tracks_yx.npy", "visibility.npy")
-
-def index_tar(path):
-    """The complete samples of an uncompressed webdataset-style shard: {key: {part: (offset, size)}}, members
-    named '<key>.<part>', so that any worker reads a member by its offset."""
-    samples = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                folder, base = os.path.split(member.name)
-                key, _, part = base.partition(".")
-                if member.isfile() and part in TAR_PARTS:
-                    samples.setdefault(os.path.join(folder, key), {})[part] = (member.offset_data, member.size)
-    except tarfile.TarError as e:
-        raise ValueError(f"{path}: not a readable uncompressed .tar shard ({e})") from None
-    complete = {key: parts for key, parts in samples.items() if len(parts) == len(TAR_PARTS)}
-    if len(complete) < len(samples):
-        warnings.warn(f"{path}: skipped {len(samples) - len(complete)} samples without all of {TAR_PARTS}")
-    return complete
-
-def load_tar_sample(path, key, parts=None):
-    """One sample of the authors' layout -> a clip: tracks_yx.npy holds unit (y, x), made (x, y) pixels here."""
-    parts, name = index_tar(path)[key] if parts is None else parts, f"{path}:{key}"
-    with open(path, "rb") as f:
-        read = {part: (f.seek(offset), f.read(size))[1] for part, (offset, size) in parts.items()}
-    tracks_yx = load_npy(read["tracks_yx.npy"], name, "tracks_yx")
-    visibility = load_npy(read["visibility.npy"], name, "visibility")
-    return import_clip(read_video(read["video.mp4"], name, ".mp4"), tracks_yx, visibility, "TN2", "yx", "unit", name=name)
-
-def find_clips(source):
-    """Clip references of a source: .npz paths and (shard, key, parts) of .tar samples; source is a folder of .npz
-    (or .tar) files, one file, or a glob."""
-    paths = sorted(glob.glob(os.path.join(source, "*.npz")) or glob.glob(os.path.join(source, "*.tar"))) \
-        if os.path.isdir(source) else sorted(glob.glob(source))
-    refs = [r for p in paths for r in ([(p, k, v) for k, v in sorted(index_tar(p).items())] if p.endswith(".tar")
-                                       else [p] if p.endswith(".npz") else [])]
-    if not refs:
-        raise ValueError(f"data source '{source}': no .npz clips or .tar samples (expected 'synthetic', a folder of "
-                         ".npz clips, a .tar shard or a glob of shards)")
-    return refs
-
-def load_ref(ref):
-    return load_clip(ref) if isinstance(ref, str) else load_tar_sample(*ref)
-
-# ----------------------------------------------------------------------------------------------------
-# Model items
+# -------- Model items (unit coordinates, tracks [N, T, 2]) and track selection: static, Sec. A's eval tracks, pokes
 
 def prepare_image(frame, image_size):
-    """uint8 [H, W, 3] -> (uint8 [S, S, 3], ImageNet-normalised float32 [3, S, S]); a non-square frame is squashed
-    (unit coordinates are relative to the frame, so tracks stay aligned with it)."""
+    """uint8 [H, W, 3] -> (uint8 [S, S, 3], ImageNet-normalised float32 [3, S, S]), squashed (tracks stay aligned)."""
     small = resize(frame, image_size, image_size)
-    return torch.from_numpy(small.copy()), torch.from_numpy(((small / 255 - IMAGENET_MEAN) / IMAGENET_STD)
-                                                            .astype(np.float32).transpose(2, 0, 1).copy())
+    normalised = ((small / 255 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32).transpose(2, 0, 1)
+    return torch.from_numpy(small.copy()), torch.from_numpy(normalised.copy())
 
 class TrackDataset(torch.utils.data.Dataset):
-    """Windows of n_frames with n_enc encoder tracks and n_dec held-out ones, all visible in the window's first frame,
-    and that frame for DINOv2; from "synthetic" (made per item), .npz clips or .tar shards. train: a random start; val:
-    the first window. An item is a function of (seed, split, index), so ranks and resumed runs see the same samples."""
+    """Windows of n_frames, n_enc + n_dec tracks visible in their first frame, and that frame, from "synthetic", .npz
+    clips or .tar shards; train: a random start, val: the first. An item is a function of (seed, split, index)."""
 
     def __init__(self, source="synthetic", split="train", n_frames=64, n_enc=40, n_dec=40, image_size=224,
                  seed=0, length=None, synth_size=(256, 256), synth_tracks=1024):
@@ -477,13 +396,14 @@ class TrackDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index):
+        index, tag = int(index), SPLITS[self.split]
         for attempt in range(8):
-            rng = np.random.default_rng((self.seed, int(index), attempt, SPLITS[self.split] + 10))
+            rng = np.random.default_rng((self.seed, index, attempt, tag + 10))
             if self.refs is None:
-                name, clip = "synthetic", make_synthetic_clip((self.seed, int(index), attempt, SPLITS[self.split]),
-                                                              self.n_frames, *self.synth_size, self.synth_tracks, "first")
+                name, clip = "synthetic", make_synthetic_clip((self.seed, index, attempt, tag), self.n_frames,
+                                                              *self.synth_size, self.synth_tracks, "first")
             else:
-                epoch, position = divmod(int(index), len(self.refs))
+                epoch, position = divmod(index, len(self.refs))
                 order = np.random.default_rng((self.seed, epoch, 3)).permutation(len(self.refs)) \
                     if self.split == "train" else np.arange(len(self.refs))
                 ref = self.refs[order[(position + attempt) % len(self.refs)]]
@@ -493,64 +413,73 @@ class TrackDataset(torch.utils.data.Dataset):
                 except ValueError as e:
                     warnings.warn(f"skipping a clip: {e}")
                     continue
-            item = self.window(name, clip, rng)
-            if item is not None:
-                return dict(item, index=int(index))
-        raise ValueError(f"{self.source}: no usable clip in 8 tries (one needs {self.n_frames} frames, a visible track)")
-
-    def window(self, name, clip, rng):
-        T, (H, W) = len(clip["tracks"]), clip["video"].shape[1:3]
-        start = int(rng.integers(T - self.n_frames + 1)) if self.split == "train" and T >= self.n_frames else 0
-        usable, need = np.flatnonzero(clip["visibility"][start]), self.n_enc + self.n_dec
-        if T < self.n_frames or len(usable) == 0:
-            return warnings.warn(f"skipping {name}: {T} frames (a window needs {self.n_frames}), {len(usable)} tracks "
-                                 f"visible in frame {start}")
-        chosen = rng.permutation(usable)[:need]   # the first n_enc for the encoder, the rest held out
-        if len(chosen) < need:
-            warnings.warn(f"{name}: {len(usable)} tracks visible in frame {start}, need {need}; repeating some")
-            chosen = np.concatenate([chosen, rng.choice(usable, need - len(chosen))])
-        span = slice(start, start + self.n_frames)
-        frame, image = prepare_image(clip["video"][start], self.image_size)
-        tracks = pixels_to_unit(clip["tracks"][span, chosen].transpose(1, 0, 2), W, H)
-        return dict(image=image, frame=frame, tracks=torch.from_numpy(np.ascontiguousarray(tracks)),
-                    visible=torch.from_numpy(np.ascontiguousarray(clip["visibility"][span, chosen].T)),
-                    text=clip["text"] or "")
+            T, (H, W) = len(clip["tracks"]), clip["video"].shape[1:3]   # the window: its start, then its tracks
+            start = int(rng.integers(T - self.n_frames + 1)) if self.split == "train" and T >= self.n_frames else 0
+            usable, need = np.flatnonzero(clip["visibility"][start]), self.n_enc + self.n_dec
+            if T < self.n_frames or len(usable) == 0:
+                warnings.warn(f"skipping {name}: {T} frames of {self.n_frames}, {len(usable)} visible in frame {start}")
+                continue
+            chosen = rng.permutation(usable)[:need]   # the first n_enc for the encoder, the rest held out
+            if len(chosen) < need:
+                warnings.warn(f"{name}: {len(usable)} tracks visible in frame {start}, need {need}; repeating some")
+                chosen = np.concatenate([chosen, rng.choice(usable, need - len(chosen))])
+            span = slice(start, start + self.n_frames)
+            frame, image = prepare_image(clip["video"][start], self.image_size)
+            tracks, visible = (clip[k][span, chosen].swapaxes(0, 1).copy() for k in ("tracks", "visibility"))
+            return dict(image=image, frame=frame, tracks=torch.from_numpy(pixels_to_unit(tracks, W, H)),
+                        visible=torch.from_numpy(visible), text=clip["text"] or "", index=index)
+        raise ValueError(f"{self.source}: no usable clip in 8 tries (it needs {self.n_frames} frames, a visible track)")
 
 def make_track_dataset(source, split="train", **kwargs):
     """The VAE's track windows from any source: TrackDataset, or for .hdf5 demos libero.LiberoDataset(view="both")."""
     import libero
     if source == "synthetic" or not libero.find_demos(source):
         return TrackDataset(source, split, **kwargs)
-    return libero.LiberoDataset(source, split, view="both", **{k: v for k, v in kwargs.items() if not k.startswith("synth")})
+    return libero.LiberoDataset(source, split, view="both", **{k: v for k, v in kwargs.items() if "synth" not in k})
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
+def is_static(tracks, threshold=0.01, frac=0.95):
+    """bool [N]: a track [N, T, 2] is static when it stays within threshold of its start in frac of its frames."""
+    tracks = np.asarray(tracks)
+    return (np.linalg.norm(tracks - tracks[:, :1], axis=-1) < threshold).mean(1) >= frac
+
+def select_eval_tracks(tracks, visibility=None, n=40, seed=0):
+    """Sec. A: indices of n tracks [N, T, 2] visible in frame 0 (visibility [N, T]), random moving ones first."""
+    usable = np.ones(len(tracks), bool) if visibility is None else np.asarray(visibility)[:, 0].astype(bool)
+    rng, static = np.random.default_rng(seed), is_static(tracks)
+    return np.concatenate([rng.permutation(np.flatnonzero(usable & s)) for s in (~static, static)])[:n]
+
+def sample_pokes(tracks, n, end_t=1.0):
+    """Pokes [n, 5] (x0, y0, x1, y1, t) of the first n tracks [N, T, 2]: frame 0, the frame nearest end_t (np/torch)."""
+    array = tracks.detach().cpu().numpy() if isinstance(tracks, torch.Tensor) else np.asarray(tracks)
+    end = int(round(end_t * (array.shape[1] - 1)))
+    pokes = np.concatenate([array[:n, 0], array[:n, end], np.full((n, 1), end / max(array.shape[1] - 1, 1))], 1)
+    pokes = pokes.astype(np.float32)
+    return torch.from_numpy(pokes).to(tracks.device) if isinstance(tracks, torch.Tensor) else pokes
+
+# ----------------------------------------------------------------------------------------------------- Command line
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = dict(synth=("write synthetic clips with exact tracks (a folder)", [("--n", int, 100), ("--seed", int, 0),
-                    ("--frames", int, 64), ("--height", int, 256), ("--width", int, 256), ("--tracks", int, 1024)]),
-                    show=("draw a clip's tracks over its video (.gif, .mp4)", [("clip", str, None),
-                                                                                   ("--n-tracks", int, 64)]),
-                    import_=("a video and a tracker's output (e.g. CoTracker3's: TN2, xy, pixels) -> a clip", [
-                        ("--video", str, None), ("--tracks", str, None), ("--visibility", str, None),
-                        ("--layout", ["TN2", "NT2"], "TN2"), ("--order", ["xy", "yx"], "xy"),
-                        ("--units", ["pixels", "unit"], "pixels"), ("--text", str, None)]))
-    for name, (what, flags) in commands.items():
-        p = sub.add_parser(name.strip("_"), help=what)
+    synth = sub.add_parser("synth", help="write synthetic clips with exact tracks (a folder)")
+    show = sub.add_parser("show", help="draw a clip's tracks over its video (.gif, .mp4)")
+    imp = sub.add_parser("import", help="a video and a tracker's output (e.g. CoTracker3's: TN2, xy, pixels) -> a clip")
+    for p in (synth, show, imp):
         p.add_argument("--out", required=True, help="output folder (synth) or file")
-        for flag, kind, default in flags:
-            kind = dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-            if flag.startswith("--") and flag not in ("--visibility", "--text"):
-                kind["required"] = default is None
-            p.add_argument(flag, default=default, **kind)
+    for flag, default in dict(n=100, seed=0, frames=64, height=256, width=256, tracks=1024).items():
+        synth.add_argument(f"--{flag}", type=int, default=default)
+    show.add_argument("clip")
+    show.add_argument("--n-tracks", type=int, default=64)
+    for flag in ("--video", "--tracks", "--visibility", "--text"):
+        imp.add_argument(flag, required=flag in ("--video", "--tracks"))
+    for flag, choices in [("--layout", ["TN2", "NT2"]), ("--order", ["xy", "yx"]), ("--units", ["pixels", "unit"])]:
+        imp.add_argument(flag, choices=choices, default=choices[0])
     args = parser.parse_args(argv)
     check_output(args.out, "--out", folder=args.command == "synth")
     if args.command == "synth":
         for i in tqdm(range(args.n), desc="synthetic clips", unit="clip"):
             clip = make_synthetic_clip(args.seed + i, args.frames, args.height, args.width, args.tracks)
-            save_clip(os.path.join(args.out, f"{i:06d}.npz"), **{k: v for k, v in clip.items() if k != "actions"})
+            save_clip(os.path.join(args.out, f"{i:06d}.npz"), **clip)
     elif args.command == "show":
         clip = load_clip(args.clip)
         index = np.sort(np.random.default_rng(0).permutation(np.flatnonzero(clip["visibility"][0]))[:args.n_tracks])
@@ -558,8 +487,8 @@ def main(argv=None):
         write_video(args.out, [draw_tracks(f, tracks, visible=visible, upto=t) for t, f in enumerate(clip["video"])])
     else:
         visibility = args.visibility and load_npy(args.visibility, args.visibility, "visibility")
-        save_clip(args.out, **import_clip(read_video(args.video), load_npy(args.tracks, args.tracks, "tracks"), visibility,
-                                          args.layout, args.order, args.units, args.text, args.tracks))
+        save_clip(args.out, **import_clip(read_video(args.video), load_npy(args.tracks, args.tracks, "tracks"),
+                                          visibility, args.layout, args.order, args.units, args.text, args.tracks))
     print(f"wrote {args.out}")
 
 if __name__ == "__main__":
