@@ -1,11 +1,8 @@
-"""The speed benchmark (the paper's efficiency claim; Sec. C dense decoding; Fig. K's steps) of every operation of both
-stages at a preset's sizes, random weights: the median time, samples/s, frames/s ("timesteps per second"), peak memory,
-FLOPs from shapes (2 x in x out per row of a linear layer or convolution, 4 L S d per attention; a training step 3x what
-trains + 1x the frozen parts), FLOP/s and MFU = that / the FLOP/s of a plain matmul in the same run.
+"""The speed benchmark (the paper's efficiency claim; Sec. C; Fig. K) of every operation of both stages, random weights:
+median time, samples/s, frames/s, peak memory, FLOPs from shapes (2 in out per linear row, 4 L S d per attention; a
+training step 3x what trains + 1x the frozen parts), FLOP/s and MFU against a plain matmul timed in the same run.
 
-    python3 bench.py --preset tiny                # 16 frames, the tiny models
-    python3 bench.py --preset paper --device cuda # Table F sizes (64 frames, 40 tracks encoded, 80 decoded)
-"""
+    python3 bench.py --preset tiny                # or --preset paper --device cuda: Table F sizes"""
 import argparse, contextlib, json, resource, statistics, sys, time
 
 import torch

@@ -1,10 +1,9 @@
-"""Data (DESIGN.md "Conventions", "Data"): clips, synthetic motion with exact tracks, drawing, track selection, tracker
-output and the authors' .tar shards, TrackDataset, and the file helpers every stage writes with.
+"""Data (README "Conventions"): clips, synthetic motion with exact tracks, drawing, track selection, tracker output
+and the authors' .tar shards, TrackDataset, and the file helpers every stage writes with.
 
     python3 data.py synth --out data/synth --n 100            # synthetic clips with exact tracks (.npz)
     python3 data.py show data/synth/000000.npz --out clip.gif  # tracks over the video, blue -> red in time
-    python3 data.py import --video v.mp4 --tracks t.npy --layout NT2 --order yx --units unit --out clip.npz
-"""
+    python3 data.py import --video v.mp4 --tracks t.npy --layout NT2 --order yx --units unit --out clip.npz"""
 import argparse, glob, io, os, tarfile, warnings, zipfile
 
 import imageio.v3 as iio
@@ -29,7 +28,6 @@ def _extent(xy, width, height):
     return np.array([width - 1.0, height - 1.0], dtype=xy.dtype if np.asarray(xy).dtype.kind == "f" else None)
 
 # ----------------- Files: outputs are checked first and written atomically; bad input is a ValueError that names it
-
 def cli(main):
     """Run a command's main(): bad input (a file, a flag, a checkpoint) is a ValueError, printed without a traceback."""
     try:
@@ -68,7 +66,6 @@ def expect(name, field, ok, expected, array):
         raise ValueError(f"{name}: field '{field}' is {array.dtype} {list(array.shape)}, expected {expected}")
 
 # --------- Clips: the format (one .npz, validated on every load and save), tracker output, the authors' .tar shards
-
 def validate_clip(clip, name="clip"):
     """A clip: video uint8 [T, H, W, 3], tracks float [T, N, 2] (x, y) pixels, visibility bool [T, N], optionally text
     (a string) and actions float [T, A] -> it normalised (float32, str), or a ValueError naming the file and field."""
@@ -183,7 +180,6 @@ def load_ref(ref):
     return load_clip(ref) if isinstance(ref, str) else load_tar_sample(*ref)
 
 # ------------------------- Synthetic motion: textured shapes on a textured background, tracks computed analytically
-
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 205, 30),
           "purple": (140, 60, 200), "orange": (245, 135, 20), "cyan": (30, 200, 210), "pink": (245, 105, 180)}
 SHAPES = {   # point-in-shape tests in local coordinates: every shape fits in [-1, 1]^2 (y points down)
@@ -323,7 +319,6 @@ def make_synthetic_clip(seed, T=64, H=256, W=256, n_tracks=1024, render="all", s
                 actions=None)
 
 # --------- Drawing (PIL.ImageDraw): tracks coloured by time, blue -> green -> yellow -> red, as the paper's figures
-
 def time_colors(T):
     """The colour of each time step, uint8 [T, 3]: blue -> green -> yellow -> red."""
     stops = np.array([[0, 0, 255], [0, 255, 0], [255, 255, 0], [255, 0, 0]], dtype=float)
@@ -374,7 +369,6 @@ def track_picture(path, frames, track_sets, size=256):
     save_image(path, np.concatenate(rows))
 
 # -------- Model items (unit coordinates, tracks [N, T, 2]) and track selection: static, Sec. A's eval tracks, pokes
-
 def prepare_image(frame, image_size):
     """uint8 [H, W, 3] -> (uint8 [S, S, 3], ImageNet-normalised float32 [3, S, S]), squashed (tracks stay aligned)."""
     small = resize(frame, image_size, image_size)
@@ -457,7 +451,6 @@ def sample_pokes(tracks, n, end_t=1.0):
     return torch.from_numpy(pokes).to(tracks.device) if isinstance(tracks, torch.Tensor) else pokes
 
 # ----------------------------------------------------------------------------------------------------- Command line
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

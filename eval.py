@@ -1,14 +1,9 @@
-"""The paper's metrics, baselines and protocols (Sec. A), one place each; training's validation reuses them.
+"""The paper's metrics, baselines and protocols (Sec. A), one place each; training's validation reuses them. Inputs are
+unit (x, y) tracks [..., N, T, 2], K samples [..., K, N, T, 2]; PCK at 256 px, MSE / EPE at 128 px (README).
 
-    python3 eval.py recon                          # AE / MAE reconstruction PCK at 256 px (Tables G, H)
-    python3 eval.py tracks --pokes 1,4,16,dense    # Min/Mean/Single/MeanT MSE and EPE at 128 px, K = 8 samples
-    python3 eval.py tracks --pokes 4 --steps 1,2,5,10,20,50   # quality against the sampling steps (Fig. K)
-    python3 eval.py libero --planner out/tiny/planner-libero/ckpt.pt   # Table E on held-out LIBERO windows
-
-Inputs are unit coordinates, (x, y) in [-1, 1], tracks [..., N, T, 2] and K samples [..., K, N, T, 2]; a leading
-"..." is clips, averaged over. Each metric maps to pixels as its protocol does: PCK (TAP-Vid, 256 px)
-p = (u + 1) / 2 (res - 1); MSE, EPE, diversity (ATM / WHN, 128 px) p = (u + 1) / 2 res. float64, python floats.
-"""
+    python3 eval.py recon                                     # AE / MAE reconstruction PCK (Tables G, H)
+    python3 eval.py tracks --pokes 1,4,16,dense --steps 1,10  # Min/Mean/Single/MeanT MSE, EPE, K = 8 (Sec. A; Fig. K)
+    python3 eval.py libero --planner out/tiny/planner-libero/ckpt.pt   # Table E on held-out LIBERO windows"""
 import argparse, itertools, json, os, warnings
 
 import numpy as np
@@ -65,7 +60,6 @@ def direction_cosine(pred, gt):
     return float(F.cosine_similarity(d_pred, d_gt, dim=-1).mean())
 
 # ------------------------------------------------------- Baselines (Sec. A: on the same evaluation tracks as the model)
-
 def static_baseline(start_xy, T):
     """No motion: start_xy [..., N, 2] -> [..., N, T, 2]."""
     return start_xy.unsqueeze(-2).expand(*start_xy.shape[:-1], T, 2).clone()
@@ -93,7 +87,6 @@ def to_window(pred, T_window):
     return pred if pred.shape[-2] == T_window else resample_time(pred, T_window)
 
 # -------------- Evaluation clips: any source data.py reads; "synthetic" is a stream no training run or validation draws
-
 def evaluation_items(source, T, count, pick, cfg, seed=0):
     """The first window of T frames of each clip as dict(image, tracks [N, T, 2], visible [N, T], text) -> pick(item,
     index) -> an item or None (the protocol's needs unmet), until count; cfg: the VAE's; bad clips skipped, warned."""
@@ -121,7 +114,6 @@ def evaluation_items(source, T, count, pick, cfg, seed=0):
     return items
 
 # -------------------------------------------------------------------- recon: the VAE's reconstruction PCK (Tables G, H)
-
 @torch.no_grad()
 def recon_scores(vae, items, visible_only=False, batch=8):
     """items: image [3, S, S], tracks [n_enc + n_dec, T, 2] (the first n_enc encoded, the rest held out), visible.
@@ -152,7 +144,6 @@ def cmd_recon(args):
     return dict(command="recon", vae=args.vae, data=args.data, clips=len(items), frames=vae.cfg.n_frames, pck=scores)
 
 # ----------------------------------------------- tracks: trajectories from pokes or text (Sec. A; Fig. K's steps sweep)
-
 def track_items(items, n_tracks=40, seed=0, moving=True):
     """Sec. A's evaluation tracks: n_tracks visible in the first frame of each item (image, tracks [N, T, 2], visible
     [N, T], text), non-static first in data.select_eval_tracks's order (pokes from the first n). moving: items with
@@ -237,7 +228,6 @@ def cmd_tracks(args):
                 poke_guidance=args.poke_guidance, rows=rows)
 
 # ---------------------------------------------------- libero: Table E, trajectory prediction on held-out LIBERO windows
-
 def libero_batch(source, window=16, n_tracks=32, image_size=224, count=16, seed=0):
     """Held-out windows (the val split's demos) whose every view has n_tracks non-static tracks (Table E), stacked."""
     dataset = LiberoDataset(source, "val", n_frames=window, window=window, n_tracks=n_tracks, image_size=image_size,
@@ -299,7 +289,6 @@ def cmd_libero(args):
         planner, vae, args.data, args.tracks, args.clips, args.k, args.steps[0], args.seed))
 
 # --------------------------------------------------------------------------------------------------------- Command line
-
 def table(header, rows):
     """A plain-text table, the first column left-aligned."""
     fmt = lambda v: "-" if v is None else v if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else \

@@ -24,9 +24,7 @@ def resample_time(tracks, T_out):
     w = (s - i).to(tracks.dtype).unsqueeze(-1)
     return (1 - w) * tracks[..., i, :] + w * tracks[..., i + 1, :]
 
-# ----------------------------------------------------------------------------------------------------
-# ATM's layout: one HDF5 per demo
-
+# -------------------------------------------------------------------------------------- ATM's layout: one HDF5 per demo
 def task_text(folder):
     """The instruction ATM reads from a folder name: 'KITCHEN_SCENE3_turn_on_the_stove_demo' -> 'turn on the stove'."""
     name = os.path.basename(os.path.normpath(str(folder)))
@@ -186,9 +184,7 @@ class LiberoDataset(torch.utils.data.Dataset):
         return dict(image=image, frame=frame, visible=torch.from_numpy(visible[chosen][:, nearest]),
                     tracks=resample_time(torch.from_numpy(np.ascontiguousarray(tracks[chosen])), self.n_frames))
 
-# ----------------------------------------------------------------------------------------------------
-# The robot task: a gripper pushes or carries a coloured block onto a goal outlined on the table, exact tracks
-
+# --------- The robot task: a gripper pushes or carries a coloured block onto a goal outlined on the table, exact tracks
 ROBOT_SIZE = 128    # both views, like ATM's LIBERO frames
 ROBOT_SPEED = 3.0   # gripper pixels per frame (agent view) for a unit action in dims 0-1
 ROBOT_STEP = 1.25   # the script's gripper speed (pixels per frame), the same in every episode

@@ -3,8 +3,7 @@ Sec. A). From a start frame and a task (pokes, text; a LIBERO task and timestep)
 
     python3 planner.py --vae out/tiny/vae/ckpt.pt     # tiny preset, synthetic clips -> out/tiny/planner/ckpt.pt
     python3 planner.py --preset paper --dry-run       # the Table F model (--preset libero: the LIBERO variant)
-    python3 planner.py --preset libero_tiny           # LIBERO on the robot demos -> out/tiny/planner-libero/
-"""
+    python3 planner.py --preset libero_tiny           # LIBERO on the robot demos -> out/tiny/planner-libero/"""
 import copy, dataclasses, math, os
 from dataclasses import dataclass
 
@@ -83,7 +82,6 @@ PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot",
                               out_dir="out/tiny/planner-libero")
 
 # --------------------------------------- Flow matching (minRF-sized): the loss, the training time and the Euler sampler
-
 def flow_matching_loss(velocity_fn, x0, noise, t):
     """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0, mean squared error; t [B] in (0, 1)."""
     tb = t.view(-1, *[1] * (x0.dim() - 1))
@@ -97,9 +95,8 @@ def training_time(rng, shift=1.0):
 
 @torch.no_grad()
 def euler_sample(velocity_fn, noise, steps, guide=None):
-    """dx/dt = v(x, t) from t = 1 (noise) to t = 0 in `steps` equal Euler steps. Written as x_next = (1 - t_next)
-    x0_hat + t_next eps_hat with x0_hat = x - t v, eps_hat = x + (1 - t) v, this is the same step; a guide
-    (PokeGuide) replaces x0_hat there, so the next velocity sees the corrected plan."""
+    """dx/dt = v(x, t) from t = 1 (noise) to 0 in equal Euler steps, written x_next = (1 - t_next) x0_hat + t_next eps_hat
+    (x0_hat = x - t v, eps_hat = x + (1 - t) v): the same step, in which a guide (PokeGuide) may replace x0_hat."""
     x = noise
     for i in range(steps):
         t, t_next = 1 - i / steps, 1 - (i + 1) / steps
@@ -136,7 +133,6 @@ class PokeGuide:
         return x.to(x0.dtype)
 
 # ------------------------------------------------------------------ Conditions: time, text, and the frozen text encoder
-
 class TimeEmbed(nn.Module):
     """Flow time t in [0, 1] -> Fourier features -> MLP -> a time_dim vector for the adaptive norms."""
     def __init__(self, time_dim, hidden):
@@ -191,7 +187,6 @@ class TextEncoder:
         return out.to(device), mask.to(device)
 
 # ---------------------------------------------------------------------------------------------------------- The planner
-
 class MotionPlanner(nn.Module):
     """Sec. B; LIBERO Sec. A. velocity(x, t, cond): normalised latents x [B, V * n_latents, C] at flow time t -> v.
     Self-attention over the latent-grid tokens and the start frame's DINOv2 tokens (projected; dropped at the output),
@@ -328,7 +323,6 @@ def load_planner(path, device="cpu", vae=None, vae_path=None, make=None):
     return planner
 
 # --------------------------------------------------- Training: latents from the frozen VAE, conditions drawn per sample
-
 def training_conditions(tracks, texts, cfg, rng):
     """Each sample's task (--cond): pokes only (0.3), text only (0.3), both (0.3), neither (0.1: the null condition).
     Ours: 1..max_pokes pokes, uniform (the release: Poisson(2.5) of 16), on moving tracks first in half the samples, to

@@ -1,10 +1,9 @@
-"""Stage 3 (supplement Sec. A): a shallow transformer policy head whose action queries cross-attend ONLY to the latents
-the frozen LIBERO planner generates (10 Euler steps), regressing 7-D action chunks by L2 (behaviour cloning, as ATM).
+"""Stage 3 (supplement Sec. A): a shallow policy head whose action queries cross-attend ONLY to the latents the frozen
+LIBERO planner generates (10 Euler steps), regressing 7-D action chunks by L2 (behaviour cloning, as ATM).
 
-    python3 policy.py                    # tiny head on out/tiny/planner-libero's plans of data/robot -> out/tiny/policy
+    python3 policy.py                    # tiny head on out/tiny/planner-libero's plans -> out/tiny/policy (--dry-run)
     python3 policy.py --shuffle_latents --out_dir out/tiny/policy-shuffled   # the control: other episodes' plans
-    python3 policy.py --evaluate --compare out/tiny/policy-shuffled/ckpt.pt  # held-out action MSE + Table E
-    python3 policy.py --preset paper --dry-run"""
+    python3 policy.py --evaluate --compare out/tiny/policy-shuffled/ckpt.pt  # held-out action MSE + Table E"""
 import dataclasses, json, math, os
 
 import numpy as np
@@ -133,9 +132,7 @@ def load_policy(path, device="cpu", averaging="none", decay=0.1, seed=0, planner
     check_pair(planner, head.cfg.planner_fingerprint, f"planner the head {path} was trained on", head.cfg.planner)
     return Policy(head, planner, head.cfg.plan_steps, averaging, decay, seed)
 
-# ----------------------------------------------------------------------------------------------------
-# Training: windows with the planner inputs of the window whose plan they learn from
-
+# ----------------------------------- Training: windows with the planner inputs of the window whose plan they learn from
 class PlannedWindows(torch.utils.data.Dataset):
     """Item i: the actions of training window w(i) (= i, or i mod pool) and the planner inputs of window p(i): p = w, or
     with shuffle another episode's window drawn afresh per i (a fixed pairing could be learnt); plan_index = p."""

@@ -1,12 +1,9 @@
-"""Sampling: K plausible motions of a start frame from pokes or words, drawn; dense motion (supplement Sec. C).
+"""Sampling (supplement Sec. C): K motions of a start frame from pokes or words, drawn; dense motion. A poke
+x0,y0,x1,y1[,t] in input pixels asks (x0, y0) to be at (x1, y1) at time t in [0, 1] (default 1, the last frame).
 
     python3 sample.py                                   # tiny checkpoints, a synthetic clip poked with 2 of its tracks
-    python3 sample.py --image photo.jpg --poke 120,200,180,150 --poke 300,220,300,260,0.5 --k 4
-    python3 sample.py --image photo.jpg --text "the red circle moves to the left" --grid 12
-    python3 sample.py --from-tracks clip.npz --n-pokes 8  # densification (Fig. L): tracks -> pokes -> every pixel
-
-Pokes and points are input pixels, x right, y down: x0,y0,x1,y1[,t] asks (x0, y0) to be at (x1, y1) at time t in [0, 1]
-over the model's frames (default 1, the last). Writes samples.npz, .png, .gif (--dense: dense.npz, .png) into --out."""
+    python3 sample.py --image photo.jpg --poke 120,200,180,150 --text "the red circle moves to the left" --dense
+    python3 sample.py --from-tracks clip.npz --n-pokes 8  # densification (Fig. L): tracks -> pokes -> every pixel"""
 import argparse, json, math, os, time, warnings
 
 import imageio.v3 as iio

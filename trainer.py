@@ -112,7 +112,6 @@ def autocast(device):   # bf16 on CUDA, fp32 on CPU (where bf16 matmul is slow)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 # --------------------------------------------------------------------- Schedules (Table F) and the order of the samples
-
 def lr_at(step, cfg):
     """Table F: linear warm-up, constant, then the warmup-stable-decay tail, linear to 0 over the last decay_frac."""
     decay_start = int(cfg.max_steps * (1 - cfg.decay_frac))
@@ -132,9 +131,8 @@ def accumulation_steps(step, cfg, world):
     return global_batch_at(step, cfg) // (cfg.micro_batch * world)
 
 class SampleRandom:
-    """Random numbers keyed by (seed, global sample index): sample i draws the same noise, dropout and conditions on
-    any rank, micro-batch or resumed run. rand / randn(*shape) -> [B, *shape], row b from sample b's own generator
-    (numpy's PCG64 seeded by the pair), in call order."""
+    """Random numbers keyed by (seed, global sample index), the same on any rank, micro-batch or resumed run:
+    rand / randn(*shape) -> [B, *shape], row b from sample b's own generator (numpy's PCG64 seeded by the pair)."""
     def __init__(self, index, seed=0, device="cpu"):
         self.device, self.generators = device, [np.random.default_rng((seed, int(i))) for i in index]
 
@@ -155,7 +153,6 @@ def step_batches(cfg, rank, world, step=0, sample=0):
         sample += n_acc * cfg.micro_batch * world
 
 # ------------------------------------------------------------------------------- Checkpoints: atomic, the last two kept
-
 def save_checkpoint(path, state):   # tensors and plain values only: every loader reads with weights_only=True
     write_atomically(path, lambda f: torch.save(state, f), keep_previous=True)
 
@@ -185,7 +182,6 @@ def latest_checkpoint(out_dir, kind, device="cpu"):
                 print(f"warning: skipping {e}")
 
 # ------------------------------------------------------------------------------------ The training loop (nanoGPT-style)
-
 def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=None, max_nonfinite=10):
     """loss_fn(net, batch) -> (loss, {name: tensor}), every random number drawn from batch["rng"] (a SampleRandom).
     validate(raw_model, step) -> {name: float} on rank 0; ema: updated every step and saved; freeze: (module, step),

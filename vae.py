@@ -3,8 +3,7 @@ a 16x16 grid of 16-channel latents; the decoder, queried at any start point, giv
 
     python3 vae.py                                   # tiny preset, synthetic clips -> out/tiny/vae/ckpt.pt
     python3 vae.py --preset paper --dry-run          # the Table F model: parameter split and total
-    torchrun --nproc_per_node=2 vae.py --micro_batch=8
-"""
+    torchrun --nproc_per_node=2 vae.py --micro_batch=8"""
 import dataclasses, hashlib, json, math, os
 from dataclasses import dataclass
 
@@ -80,7 +79,6 @@ PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000,
                              log_every=100, out_dir="out/tiny/vae-robot")
 
 # ------------------------------------------------------------------------------------------------------ Building blocks
-
 def zero_init(linear):   # an output layer that starts at zero (DiT)
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
@@ -109,9 +107,8 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 class RoPE(nn.Module):
-    """Axial rotary embedding for real-valued positions with 1-3 axes, e.g. (t, y, x): the head_dim / 2 rotation
-    pairs are split over the axes, each with frequencies geometric from 1 to max_freq rad per unit.
-    forward(pos [..., S, n_axes]) -> (cos, sin), each [..., S, head_dim], for apply_rope (rotate-half)."""
+    """Axial RoPE for real positions with 1-3 axes, e.g. (t, y, x): the head_dim / 2 pairs split over the axes, each with
+    frequencies geometric from 1 to max_freq rad per unit. pos [..., S, n_axes] -> (cos, sin) [..., S, head_dim]."""
     def __init__(self, head_dim, max_freqs):
         super().__init__()
         n_pairs, n_axes = head_dim // 2, len(max_freqs)
@@ -134,9 +131,8 @@ def apply_rope(x, rope):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention; self-attention when ctx is None. Queries and
-    keys are rotated by their own RoPE positions. extra_kv = (k, v), already split into heads and rotated, is put
-    before the keys (the decoder's queries attend to the latents and to their own point's frames)."""
+    """Multi-head attention (F.scaled_dot_product_attention), self-attention when ctx is None, queries and keys rotated
+    by their own RoPE positions; extra_kv = (k, v) in heads, rotated, goes before the keys (the decoder's latents)."""
     def __init__(self, dim, head_dim, kv_dim=None):
         super().__init__()
         self.heads = dim // head_dim
@@ -227,7 +223,6 @@ class ImageEncoder(nn.Module):
         return self.net(pixel_values=image).last_hidden_state[:, self.n_skip:]
 
 # -------------------------------------------------------------------------------------------------------- The track VAE
-
 class TrackVAE(nn.Module):
     """Sec. B. encode(image [B, 3, S, S], tracks [B, N, T, 2] unit (x, y)) -> (mean, logvar) [B, n_latents, C]:
     one token per (track, frame), Fourier + MLP of its (x, y), RoPE at (t, y0, x0), beside the latent grid queries
@@ -394,7 +389,6 @@ def dry_run(cfg, model, groups, default):
     return counts
 
 # ---------------------------------------------------------------------------------------------- Training and validation
-
 def vae_loss(net, batch):
     out = net(batch["image"], batch["tracks"], batch["visible"], rng=batch["rng"])
     return out["loss"], {"l1": out["l1"], "kl": out["kl"]}
