@@ -76,7 +76,7 @@ def test_resample_16_64_16_round_trip():
     tracks = torch.rand(3, 7, 16, 2, generator=g, dtype=torch.float64)  # any leading dimensions
     back = libero.resample_time(libero.resample_time(tracks, 64), 16)
     assert torch.equal(back[..., [0, -1], :], tracks[..., [0, -1], :])
-    # elsewhere off by at most (15 / 63) / 4 times the second difference (the docstring's bound), but not zero
+    # elsewhere off by at most (15 / 63) / 4 times the second difference (linear interpolation's error bound), but not zero
     bound = (15 / 63) / 4 * (tracks[..., 2:, :] - 2 * tracks[..., 1:-1, :] + tracks[..., :-2, :]).abs()
     error = (back[..., 1:-1, :] - tracks[..., 1:-1, :]).abs()
     assert (error <= bound + 1e-12).all() and error.max() > 1e-3
