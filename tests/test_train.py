@@ -395,7 +395,12 @@ def torchrun_in_background(request, tmp_path_factory):
 def distributed(torchrun_in_background):
     """The torchrun's outputs beside the same runs in 1 process (this one): (root, torchrun's stdout)."""
     root, proc = torchrun_in_background
-    train_worker.main("ddp", str(root / "one"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the workers' thread count (OMP_NUM_THREADS=1): the same reductions inside each op
+    try:
+        train_worker.main("ddp", str(root / "one"))
+    finally:
+        torch.set_num_threads(threads)
     assert proc.wait(timeout=300) == 0, (root / "stderr.txt").read_text()[-3000:]
     return root, (root / "stdout.txt").read_text()
 
