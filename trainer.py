@@ -1,7 +1,7 @@
 """What every stage trains with (Table F): the shared config fields and their command line, distributed setup,
 schedules, per-sample random numbers, atomic checkpoints (the last two kept) and train(), whose guarantees
 tests/test_train.py checks: 2 processes = 1, bit-identical resume (CPU), a non-finite step skipped on every rank."""
-import argparse, dataclasses, json, os, re, sys, time
+import argparse, dataclasses, json, math, os, re, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +49,8 @@ class TrainConfig:
             f"--device {self.device}: expected auto, cpu, cuda or cuda:N"]
         for f in dataclasses.fields(self):
             v, least = getattr(self, f.name), 0 if f.name in self.ZERO_OK or type(getattr(self, f.name)) is float else 1
-            if type(v) in (int, float) and v < least and f.name != "unfreeze_image_encoder_at":
-                out.append(f"--{f.name} {v}: expected a value >= {least}")
+            if type(v) in (int, float) and not least <= v < math.inf and f.name != "unfreeze_image_encoder_at":
+                out.append(f"--{f.name} {v}: expected a finite value >= {least}")
         return out
 
 def divides(cfg, part, whole):   # a check() line when field `part` does not divide field `whole`
