@@ -78,6 +78,8 @@ def test_parse_config_presets_types_and_spellings():
     (vae.VAEConfig, vae.PRESETS, ["--micro_batch=0"], "--micro_batch 0"),
     (vae.VAEConfig, vae.PRESETS, ["--batch_start=-4"], "--batch_start -4"),
     (vae.VAEConfig, vae.PRESETS, ["--lr=-0.001"], "--lr -0.001"),
+    (vae.VAEConfig, vae.PRESETS, ["--lr=nan"], "--lr nan"),
+    (vae.VAEConfig, vae.PRESETS, ["--kl_weight=inf"], "--kl_weight inf"),
     (vae.VAEConfig, vae.PRESETS, ["--image_size=30", "--image_pos_size=30"], "--image_size 30"),   # patch 14
     (vae.VAEConfig, vae.PRESETS, ["--dim=48"], "--dim 48"),                                        # head_dim 32
     (vae.VAEConfig, vae.PRESETS, ["--image_heads=3"], "--image_dim 64"),
