@@ -196,7 +196,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
     def log(line):   # stdout and out_dir/log.txt, rank 0 only
         if rank == 0:
             tqdm.write(line)
-            print(line, file=open(os.path.join(cfg.out_dir, "log.txt"), "a"), flush=True)
+            with open(os.path.join(cfg.out_dir, "log.txt"), "a") as f:
+                print(line, file=f)
     try:
         accumulation_steps(0, cfg, world)   # a batch that does not split into micro-batches: refused before writing
         os.makedirs(cfg.out_dir, exist_ok=True)
