@@ -14,7 +14,7 @@ from tqdm import tqdm
 from data import (SPLITS, check_output, find_clips, is_static, load_ref, make_synthetic_clip, pixels_to_unit,
                   prepare_image, sample_pokes, select_eval_tracks, write_atomically)
 from libero import VIEWS, LiberoDataset, resample_time
-from planner import PokeGuide, load_planner
+from planner import PokeGuide, load_pair
 from trainer import autocast
 from vae import load_vae
 
@@ -196,7 +196,7 @@ def planner_scores(planner, vae, items, k=8, steps=10):
     """The open planner's validation: Min-MSE with 1, 4 and 16 pokes (and EPE), text only, and none (null), beside
     static and straight-to-the-poke."""
     rows = track_rows(planner, vae, items, [0, 1, 4, 16], k, [steps])
-    rows += track_rows(planner, vae, items, [0], k, [steps], text=True)
+    rows += track_rows(planner, vae, items, [0], k, [steps], text=True) if planner.text_proj is not None else []
     out = {("text" if i == len(rows) - 1 else "null" if r["pokes"] == 0 else f"p{r['pokes']}"): r["min"]
            for i, r in enumerate(rows) if r["method"] == "planner"}
     out.update({f"EPE_p{r['pokes']}": r["epe"] for r in rows if r["method"] == "planner" and r["pokes"]})
@@ -204,11 +204,15 @@ def planner_scores(planner, vae, items, k=8, steps=10):
     return dict(out, static=rows[0]["min"])
 
 def cmd_tracks(args):
-    vae = load_vae(args.vae, args.device)
-    planner = load_planner(args.planner, args.device, vae, args.vae)
+    vae, planner = load_pair(args.planner, args.vae, args.device)
     T, settings = args.window or vae.cfg.n_frames, [args.tracks if p == "dense" else p for p in args.pokes]
     if max(settings) > args.tracks:
         raise ValueError(f"--pokes {max(settings)}: more pokes than the --tracks {args.tracks} evaluation tracks")
+    if planner.cfg.task != "open" or max(settings) > planner.cfg.max_pokes and not planner.cfg.null_token:
+        raise ValueError(f"--planner {args.planner}: " + ("a LIBERO planner (eval.py libero)" if planner.cfg.task !=
+                         "open" else f"{planner.cfg.max_pokes} poke slots, --pokes asks for {max(settings)}"))
+    if args.text and planner.text_proj is None:
+        raise ValueError(f"--text: --planner {args.planner} takes no text (pokes only)")
     if args.poke_guidance < 0:
         raise ValueError(f"--poke-guidance {args.poke_guidance}: expected a strength >= 0 (0 = the paper's sampler)")
     items = [it[0] for it in evaluation_items(args.data, T, args.clips, lambda it, i: track_items(
@@ -280,12 +284,10 @@ def libero_report(planner, vae, data, n_tracks=32, count=16, k=8, steps=10, seed
     return dict(scores, windows=len(batch["tracks"]))
 
 def cmd_libero(args):
-    vae_path = args.vae or load_planner(args.planner).cfg.vae
-    vae = load_vae(vae_path, args.device)
-    planner = load_planner(args.planner, args.device, vae, vae_path)
+    vae, planner = load_pair(args.planner, args.vae, args.device)
     if planner.cfg.task != "libero":
         raise ValueError(f"--planner {args.planner}: an open-domain planner; this protocol needs a LIBERO one")
-    return dict(command="libero", planner=args.planner, vae=vae_path, data=args.data, k=args.k, scores=libero_report(
+    return dict(command="libero", planner=args.planner, vae=args.vae or planner.cfg.vae, data=args.data, k=args.k, scores=libero_report(
         planner, vae, args.data, args.tracks, args.clips, args.k, args.steps[0], args.seed))
 
 # --------------------------------------------------------------------------------------------------------- Command line
@@ -314,8 +316,8 @@ def main(argv=None):
     for name, run in (("recon", cmd_recon), ("tracks", cmd_tracks), ("libero", cmd_libero)):
         p, lib = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter), name == "libero"
         p.set_defaults(run=run)
-        p.add_argument("--vae", default=None if lib else "out/tiny/vae/ckpt.pt",
-                       help="VAE checkpoint" + " (default: the planner's own)" * lib)
+        p.add_argument("--vae", default="out/tiny/vae/ckpt.pt" if name == "recon" else None, help="VAE checkpoint or "
+                       "release:NAME" + " (default: the one the planner was trained on)" * (name != "recon"))
         if name != "recon":
             p.add_argument("--planner", default=f"out/tiny/planner{'-libero' * lib}/ckpt.pt")
             p.add_argument("--k", type=one, default=8, help="samples per window (Table E: 8)")

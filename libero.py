@@ -60,6 +60,9 @@ def load_demo(path, views=VIEWS, frames=None, flip=None):
             raise ValueError(f"{path}: frames {list(frames)} outside the demo's {T} frames")
         text = root.attrs.get("text", task_text(os.path.dirname(os.path.abspath(path))))
         upside_down = bool(root.attrs.get("upside_down", False)) if flip is None else flip
+        extra = root.get("extra_states")   # ATM keeps the robot's state there: joint (7) and gripper (2) positions
+        proprio = None if extra is None else np.concatenate([_read(extra, k, path) for k in ("joint_states",
+                                                                                            "gripper_states")], -1)
         out = {}
         for view in views:
             video, tracks, vis = (_read(root, f"{view}/{k}", path, None) for k in ("video", "tracks", "vis"))
@@ -78,6 +81,7 @@ def load_demo(path, views=VIEWS, frames=None, flip=None):
             out[view] = dict(video=np.ascontiguousarray(pixels), tracks=xy,   # (vis: bool, or 0 / 1 floats)
                              visibility=_read(root, f"{view}/vis", path, 0) > 0.5)
         return dict(actions=actions[()].astype(np.float32), views=out, task_emb=emb[()].astype(np.float32).reshape(-1),
+                    proprio=np.zeros((T, 0), np.float32) if proprio is None else proprio.astype(np.float32),
                     text=text.decode() if isinstance(text, bytes) else str(text))
 
 def save_demo(path, actions, views, task_emb, task_emb_key, text="", upside_down=True):
@@ -162,6 +166,7 @@ class LiberoDataset(torch.utils.data.Dataset):
             return dict({key: torch.stack([p[key] for p in parts]) for key in parts[0]},
                         task_emb=torch.from_numpy(demo["task_emb"]), timestep=torch.tensor(int(start)),
                         episode_len=torch.tensor(int(T)), actions=torch.from_numpy(demo["actions"][chunk]),
+                        proprio=torch.from_numpy(demo["proprio"][start]),
                         demo=int(k), text=demo["text"], index=index)
         raise ValueError(f"{self.source}: no usable window in 8 tries for item {index}")
 

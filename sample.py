@@ -14,9 +14,9 @@ from bench import peak_mb
 from data import (check_output, cli, draw_tracks, load_clip, make_synthetic_clip, pixels_to_unit, prepare_image,
                   resize, sample_pokes, save_image, select_eval_tracks, time_colors, unit_to_pixels, write_atomically,
                   write_video)
-from planner import PokeGuide, load_planner
+from planner import PokeGuide, load_pair
 from trainer import autocast, setup_distributed
-from vae import grid_centres, load_vae
+from vae import grid_centres
 
 def parse_numbers(text, flag, counts, form):
     """'a,b,c' -> finite floats, as many as one of counts; else a ValueError naming the flag."""
@@ -98,7 +98,7 @@ def decode_tracks(vae, z, image, query):
         tokens = vae.image_tokens(image).expand(k, -1, -1)
         return vae.decode(z, image.expand(k, -1, -1, -1), query.expand(k, -1, -1), image_tokens=tokens).float()
 
-def decode_dense_field(vae, z, image, size, chunk=2048):
+def decode_dense_field(vae, z, image, size, chunk=None):
     """Sec. C: every pixel of a size x size frame -> [K, size, size, T, 2] (unit), a sample, chunk points at a time."""
     with autocast(z.device):
         return torch.cat([vae.decode_dense(zi, image[None].to(z.device), size, size, chunk, True) for zi in z.split(1)])
@@ -162,8 +162,7 @@ def main(argv=None):
     pokes_px = np.array([parse_poke(p) for p in args.poke], np.float32).reshape(-1, 5)
     query_px = np.reshape([parse_numbers(q, "--query", (2,), "x,y (pixels)") for q in args.query], (-1, 2))
     device = setup_distributed(args.device)[2]
-    vae = load_vae(args.vae, device, make="python3 vae.py --out_dir " + os.path.dirname(args.vae))
-    planner = load_planner(args.planner, device, vae, args.vae)
+    vae, planner = load_pair(args.planner, args.vae, device)
     T, S, clip_path = vae.cfg.n_frames, vae.cfg.image_size, args.clip or args.from_tracks
     clip = load_clip(clip_path) if clip_path else None if args.image else \
         make_synthetic_clip(args.scene, T, 256, 256, vae.cfg.synth_tracks, render="first")
@@ -182,6 +181,11 @@ def main(argv=None):
     if len(query_px) == 0:
         raise ValueError("no points to decode: give --poke, --query or --grid N (N > 0)")
     P, image, dense = len(pokes_px), prepare_image(frame, S)[1], args.dense or bool(args.from_tracks)
+    if planner.cfg.task != "open" or (args.text and planner.text_proj is None) or (
+            P > planner.cfg.max_pokes and not planner.cfg.null_token):
+        raise ValueError(f"--planner {args.planner}: " + ("a LIBERO planner (eval.py libero, policy.py)" if
+                         planner.cfg.task != "open" else "takes no --text (pokes only)" if args.text and
+                         planner.text_proj is None else f"{planner.cfg.max_pokes} poke slots, {P} pokes given"))
     print(f"{source}: {W}x{H}; {P} pokes, text {args.text!r}; K = {args.k} samples of {T} frames, {args.steps} steps, "
           f"guidance {args.cfg}, poke guidance {args.poke_guidance if P else 'off'}, {len(query_px)} points, {device}")
     start, pokes = time.perf_counter(), pokes_to_unit(pokes_px, W, H)
@@ -209,12 +213,17 @@ def main(argv=None):
     files = {"samples.npz": dict(tracks=tracks_px, pokes=pokes_px, query=query_px, image=frame)}
     if dense:
         start = time.perf_counter()
-        field_px = unit_to_pixels(decode_dense_field(vae, z, image, args.dense_size, args.chunk).cpu().numpy(), W, H)
+        joint = vae.cfg.decoder_attention == "joint"
+        chunk = args.chunk or (vae.cfg.n_enc + vae.cfg.n_dec if joint else 2048)
+        if joint:
+            print(f"dense: the joint decoder (the release's) decodes {chunk} points at a time, each chunk every "
+                  f"{-(-args.dense_size ** 2 // chunk)}-th pixel: a point's path depends on the others in its chunk")
+        field_px = unit_to_pixels(decode_dense_field(vae, z, image, args.dense_size, chunk).cpu().numpy(), W, H)
         dense_px = unit_to_pixels(dense_query(args.dense_size).numpy(), W, H)
         moved = field_px[:, :, :, -1] - dense_px   # each pixel's end-frame displacement
         scale = max(1.0, float(np.percentile(np.linalg.norm(moved, axis=-1), 99)))
         results.update(dense_s=time.perf_counter() - start, dense_peak_mb=peak_mb(device), dense_scale_px=scale)
-        print(f"dense: {args.dense_size}^2 points in {results['dense_s']:.1f} s, {args.chunk} at a time (peak memory "
+        print(f"dense: {args.dense_size}^2 points in {results['dense_s']:.1f} s, {chunk} at a time (peak memory "
               f"{results['dense_peak_mb']:.0f} MB); colour wheel rim = {scale:.1f} px")
         files["dense.npz"] = dict(tracks=field_px, query=dense_px, end_displacement=moved)
         pictures["dense.png"] = draw_dense(shown, prompt, field_px * zoom, dense_px * zoom, scale * zoom.mean())
@@ -233,8 +242,8 @@ def main(argv=None):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, kind, default, what in (
-            ("--vae", str, "out/tiny/vae/ckpt.pt", "VAE checkpoint (vae.py)"),
-            ("--planner", str, "out/tiny/planner/ckpt.pt", "planner checkpoint, trained on that VAE"),
+            ("--planner", str, "out/tiny/planner/ckpt.pt", "planner checkpoint, or release:NAME / a .safetensors"),
+            ("--vae", str, None, "the VAE the planner was trained on (default: the one it names; release: its own)"),
             ("--image", str, None, "a start frame (PNG/JPG, any size)"), ("--clip", str, None, "a clip .npz (frame 0)"),
             ("--scene", int, 0, "synthetic scene without a start frame"), ("--text", str, None, "the motion, in words"),
             ("--from-tracks", str, None, "densification (Fig. L): a clip .npz's tracks are the pokes; implies --dense"),
@@ -245,7 +254,7 @@ def build_parser():
             ("--seed", int, 0, "noise seed (and the choice of pokes from a clip)"),
             ("--grid", int, None, "an N x N grid of points to decode (default 10 without --query)"),
             ("--dense-size", int, 224, "side of the dense field (224: the paper's frame)"),
-            ("--chunk", int, 2048, "points decoded at once in dense mode (bounds memory)"),
+            ("--chunk", int, None, "points decoded at once in dense mode (default 2048; a joint decoder: as trained)"),
             ("--out", str, "out/tiny/samples", "output folder"), ("--display", int, 320, "picture panel height (px)")):
         p.add_argument(flag, type=kind, default=default, help=what)
     p.add_argument("--poke", action="append", default=[], metavar="x0,y0,x1,y1[,t]", help="pixels; repeatable")

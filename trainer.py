@@ -41,7 +41,7 @@ class TrainConfig:
     dry_run: bool = False
 
     ZERO_OK = ("seed", "warmup_steps", "num_workers", "n_dec", "latent_pool", "val_clips", "text_layers",
-               "image_registers")
+               "image_registers", "proprio_dim")
 
     def check(self):
         """Values that cannot work, as '--flag value: expected ...' lines (parse_config reports them)."""
@@ -49,7 +49,8 @@ class TrainConfig:
             f"--device {self.device}: expected auto, cpu, cuda or cuda:N"]
         for f in dataclasses.fields(self):
             v, least = getattr(self, f.name), 0 if f.name in self.ZERO_OK or type(getattr(self, f.name)) is float else 1
-            if type(v) in (int, float) and not least <= v < math.inf and f.name != "unfreeze_image_encoder_at":
+            if type(v) in (int, float) and not (least <= v or f.name in ("unfreeze_image_encoder_at", "image_t")) \
+                    or type(v) is float and not abs(v) < math.inf:
                 out.append(f"--{f.name} {v}: expected a finite value >= {least}")
         return out
 

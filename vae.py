@@ -47,11 +47,11 @@ class VAEConfig(ImageConfig, TrainConfig):
     grid_size: int = 16
     temporal_slots: int = 1            # Sec. D: 1 = one grid for all 64 frames (64x compression)
     latent_layout: str = "grid"        # Fig. J: "grid" (grid RoPE positions) or "sequence" (no positions)
-    position_content: bool = True      # ours: tokens also carry Fourier(t, y0, x0) as content (release: RoPE alone)
+    decoder_attention: str = "joint"   # the release: latents and all queries in one sequence; ours: "independent"
+    position_content: bool = False     # ours: tokens also carry Fourier(t, y0, x0) as content (the release: RoPE alone)
     encode_offsets: bool = False       # ours: track tokens also embed the displacement (x - x0, y - y0)
     predict_offsets: bool = False      # ours: predict offsets from the start point (Sec. B: absolute is best at scale)
-    fourier_bands: int = 32
-    rope_max_freq_space: float = 40 * math.pi  # resolves about one pixel on [-1, 1] (README "Conventions")
+    rope_max_freq_space: float = 40 * math.pi  # RoPE and Fourier frequencies resolve a pixel on [-1, 1] (the release)
     rope_max_freq_time: float = 10 * math.pi
     kl_weight: float = 1e-7            # Table F
     recon_loss: str = "l1"             # Sec. B: L1 (best), l2, huber
@@ -60,7 +60,7 @@ class VAEConfig(ImageConfig, TrainConfig):
 
     def check(self):
         return super().check() + divides(self, "head_dim", "dim") + one_of(self, "recon_loss", list(LOSSES)) + one_of(
-            self, "latent_layout", ("grid", "sequence"))
+            self, "latent_layout", ("grid", "sequence")) + one_of(self, "decoder_attention", ("joint", "independent"))
 
 LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
 PRESETS = {
@@ -69,123 +69,130 @@ PRESETS = {
     "tiny": dict(
         n_frames=16, synth_tracks=256, image_encoder="random", image_size=112, image_dim=64, image_layers=2,
         image_heads=2, image_pos_size=112, freeze_image_encoder=False, dim=64, enc_layers=2, dec_layers=2,
-        head_dim=32, latent_channels=8, grid_size=8, fourier_bands=16, n_enc=24, n_dec=24, predict_offsets=True,
-        encode_offsets=True, max_steps=450, lr=2e-3, warmup_steps=100, decay_frac=0.2, batch_start=16,
-        batch_end=16, batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=150, val_clips=16,
-        ckpt_every=150, num_workers=1, out_dir="out/tiny/vae"),
+        head_dim=32, latent_channels=8, grid_size=8, n_enc=24, n_dec=24, decoder_attention="independent",
+        position_content=True, predict_offsets=True, encode_offsets=True, max_steps=450, lr=2e-3, warmup_steps=100,
+        decay_frac=0.2, batch_start=16, batch_end=16, batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=150,
+        val_clips=16, ckpt_every=150, num_workers=1, out_dir="out/tiny/vae"),
 }
 # CPU-scale (ours): the tiny VAE on the robot demos' tracks, for the tiny LIBERO planner (at scale: the one VAE)
 PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, val_every=500, ckpt_every=250,
                              log_every=100, out_dir="out/tiny/vae-robot")
 
 # ------------------------------------------------------------------------------------------------------ Building blocks
-def zero_init(linear):   # an output layer that starts at zero (DiT)
+def zero_init(linear):   # an output layer that starts at zero (the release's out_proj / down_proj)
     nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
     return linear
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight; with cond_dim adaptive, * (1 + Linear(cond)) zero-initialised (starts as RMSNorm)."""
+    """x / rms(x) * weight; with cond_dim adaptive (the planner's flow time, the release's AdaRMSNorm): x / rms(x) *
+    (1 + Linear(cond)), the linear bias-free and zero-initialised, no separate weight."""
     def __init__(self, dim, cond_dim=None, eps=1e-6):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-        self.cond = zero_init(nn.Linear(cond_dim, dim)) if cond_dim else None
+        self.eps, self.weight = eps, None if cond_dim else nn.Parameter(torch.ones(dim))
+        self.cond = zero_init(nn.Linear(cond_dim, dim, bias=False)) if cond_dim else None
 
     def forward(self, x, cond=None):
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
-        return x if self.cond is None else x * (1 + self.cond(cond).unsqueeze(1))
+        scale = self.weight if self.cond is None else 1 + self.cond(cond).unsqueeze(1)
+        return x * (torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps) * scale).to(x.dtype)
 
 class SwiGLU(nn.Module):
-    """W3 (silu(W1 x) * W2 x), hidden width ffn_mult * dim (expansion 3, Table F): 9 dim^2 parameters."""
+    """W3 (a * silu(gate)) with [a | gate] = W12 x (the gate the second half, as the release), hidden ffn_mult * dim
+    (expansion 3, Table F): 9 dim^2 parameters; W3 starts at zero."""
     def __init__(self, dim, ffn_mult=3):
         super().__init__()
         self.w12 = nn.Linear(dim, 2 * ffn_mult * dim, bias=False)
-        self.w3 = nn.Linear(ffn_mult * dim, dim, bias=False)
+        self.w3 = zero_init(nn.Linear(ffn_mult * dim, dim, bias=False))
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        a, gate = self.w12(x).chunk(2, dim=-1)
+        return self.w3(a * F.silu(gate))
 
 class RoPE(nn.Module):
-    """Axial RoPE for real positions with 1-3 axes, e.g. (t, y, x): the head_dim / 2 pairs split over the axes, each with
-    frequencies geometric from 1 to max_freq rad per unit. pos [..., S, n_axes] -> (cos, sin) [..., S, head_dim]."""
-    def __init__(self, head_dim, max_freqs):
+    """Axial RoPE of real positions, e.g. (t, y, x), one learned table per attention module (the release): per axis and
+    head head_dim / 8 frequencies (1 axis: head_dim / 4), geometric in [lo, hi) with head h taking every heads-th of
+    them. pos [B, S, axes] -> angles [B, heads, S, axes * k], axis by axis."""
+    def __init__(self, head_dim, heads, ranges, learn=True):
         super().__init__()
-        n_pairs, n_axes = head_dim // 2, len(max_freqs)
-        sizes = [n_pairs // n_axes + (a < n_pairs % n_axes) for a in range(n_axes)]
-        freqs = [torch.exp(torch.linspace(0, math.log(m), s)) for m, s in zip(max_freqs, sizes)]
-        self.register_buffer("freq", torch.cat(freqs), persistent=False)
-        self.register_buffer("axis", torch.tensor([a for a, s in enumerate(sizes) for _ in range(s)]), persistent=False)
+        k = head_dim // (4 if len(ranges) == 1 else 8)
+        freqs = [torch.linspace(math.log(lo), math.log(hi), heads * k + 1)[:-1].exp().view(k, heads).T for lo, hi in ranges]
+        self.freqs = nn.Parameter(torch.stack(freqs), requires_grad=learn)   # [axes, heads, k]
 
     def forward(self, pos):
-        angle = pos[..., self.axis].float() * self.freq
-        angle = torch.cat([angle, angle], dim=-1)
-        return angle.cos(), angle.sin()
+        return (pos.float()[:, None, :, :, None] * self.freqs.float().transpose(0, 1)[:, None]).flatten(-2)
 
-def apply_rope(x, rope):
-    """x [B, heads, S, head_dim] rotated by (cos, sin) [B, S, head_dim]: x cos + rotate_half(x) sin."""
-    if rope is None:
-        return x
-    cos, sin = (r.unsqueeze(-3).to(x.dtype) for r in rope)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rope(x, angle):
+    """x [B, heads, S, head_dim] rotated by angles [B, heads, S, n]: the pairs (i, i + n) of its first 2n dims turn
+    (rotate-half), the other dims pass unchanged."""
+    n, (cos, sin) = angle.shape[-1], (angle.cos(), angle.sin())
+    a, b, rest = x[..., :n].float(), x[..., n:2 * n].float(), x[..., 2 * n:]
+    return torch.cat([(a * cos - b * sin).to(x.dtype), (b * cos + a * sin).to(x.dtype), rest], dim=-1)
 
 class Attention(nn.Module):
-    """Multi-head attention (F.scaled_dot_product_attention), self-attention when ctx is None, queries and keys rotated
-    by their own RoPE positions; extra_kv = (k, v) in heads, rotated, goes before the keys (the decoder's latents)."""
-    def __init__(self, dim, head_dim, kv_dim=None):
+    """Cosine-similarity multi-head attention (the release): queries and keys unit-normalised per head, scaled by the
+    square root of a learned per-head temperature (init 10), then RoPE at their own positions (rope: (lo, hi) per axis;
+    None: none); a cross-attention (kv_dim) RMS-normalises its context first. extra_kv: (k, v) in heads, normalised and
+    rotated, put before the keys (the independent decoder's latents)."""
+    def __init__(self, dim, head_dim, kv_dim=None, rope=None, learn_rope=True):
         super().__init__()
         self.heads = dim // head_dim
-        self.q, self.out = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.q, self.out = nn.Linear(dim, dim, bias=False), zero_init(nn.Linear(dim, dim, bias=False))
         self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=False)
+        self.ctx_norm = RMSNorm(kv_dim) if kv_dim else None
+        self.scale = nn.Parameter(torch.full((self.heads,), 10.0))
+        self.rope = RoPE(head_dim, self.heads, rope, learn_rope) if rope else None
 
-    def split_heads(self, x):
-        return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
+    def heads_of(self, x, pos):   # [B, S, dim] -> [B, heads, S, head_dim], cosine-normalised and rotated
+        x = x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        x = x * (torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6) * self.scale.float()[:, None, None].sqrt()
+                 ).to(x.dtype)
+        return x if self.rope is None else apply_rope(x, self.rope(pos))
 
-    def keys_values(self, ctx, ctx_rope):
-        k, v = self.kv(ctx).chunk(2, dim=-1)
-        return apply_rope(self.split_heads(k), ctx_rope), self.split_heads(v)
+    def keys_values(self, ctx, pos):
+        k, v = self.kv(ctx if self.ctx_norm is None else self.ctx_norm(ctx)).chunk(2, dim=-1)
+        return self.heads_of(k, pos), v.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x, rope, ctx=None, ctx_rope=None, mask=None, extra_kv=None):
-        if ctx is None:
-            ctx, ctx_rope = x, rope
-        q = apply_rope(self.split_heads(self.q(x)), rope)
-        k, v = self.keys_values(ctx, ctx_rope)
+    def forward(self, x, pos, ctx=None, ctx_pos=None, mask=None, extra_kv=None):
+        q, (k, v) = self.heads_of(self.q(x), pos), self.keys_values(x, pos) if ctx is None else self.keys_values(ctx, ctx_pos)
         if extra_kv is not None:
             k, v = torch.cat([extra_kv[0], k], dim=2), torch.cat([extra_kv[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(out.transpose(1, 2).reshape(x.shape))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return self.out(out.transpose(1, 2).flatten(2))
 
 class Block(nn.Module):
-    """One layer (Sec. B): pre-norm self-attention, cross-attention to context tokens (the image, or the planner's
-    conditions), SwiGLU, each with a residual; cond_dim makes the norms adaptive (the planner's flow time)."""
-    def __init__(self, dim, head_dim, ctx_dim, ffn_mult=3, cond_dim=None):
+    """One layer (Sec. B; the release's TransformerLayer): pre-norm self-attention, cross-attention to context tokens
+    (the image, or the planner's conditions), SwiGLU, each residual; cond_dim makes the norms adaptive (flow time).
+    rope: the (lo, hi) frequency range per position axis; cross_rope=False: no RoPE in the cross-attention."""
+    def __init__(self, dim, head_dim, ctx_dim, ffn_mult=3, cond_dim=None, rope=None, cross_rope=True):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (RMSNorm(dim, cond_dim) for _ in range(3))
-        self.self_attn, self.cross_attn = Attention(dim, head_dim), Attention(dim, head_dim, kv_dim=ctx_dim)
+        self.self_attn = Attention(dim, head_dim, rope=rope)
+        self.cross_attn = Attention(dim, head_dim, kv_dim=ctx_dim, rope=rope if cross_rope else None)
         self.ffn = SwiGLU(dim, ffn_mult)
 
-    def forward(self, x, rope, ctx, ctx_rope, cond=None, mask=None, ctx_mask=None, extra_kv=None):
-        x = x + self.self_attn(self.norm1(x, cond), rope, mask=mask, extra_kv=extra_kv)
+    def forward(self, x, pos, ctx, ctx_pos, cond=None, mask=None, ctx_mask=None, extra_kv=None):
+        x = x + self.self_attn(self.norm1(x, cond), pos, mask=mask, extra_kv=extra_kv)
         # rows split off a batch element (the decoder's one row per point) are folded back: the context is shared
         b = ctx.shape[0]
-        h = self.norm2(x, cond).reshape(b, -1, x.shape[-1])
-        folded = None if rope is None else tuple(r.reshape(b, -1, r.shape[-1]) for r in rope)
-        x = x + self.cross_attn(h, folded, ctx, ctx_rope, mask=ctx_mask).reshape(x.shape)
+        h, folded = self.norm2(x, cond).reshape(b, -1, x.shape[-1]), pos.reshape(b, -1, pos.shape[-1])
+        x = x + self.cross_attn(h, folded, ctx, ctx_pos, mask=ctx_mask).reshape(x.shape)
         return x + self.ffn(self.norm3(x, cond))
 
 class PointEmbed(nn.Module):
-    """Fourier features of coordinates in [-1, 1] (sin, cos at geometric frequencies 1..max_freq), a linear layer to
-    dim, then n_blocks residual SwiGLU blocks (Sec. B: "Fourier embedded and processed with an MLP")."""
-    def __init__(self, in_dims, dim, n_bands=32, max_freq=40 * math.pi, n_blocks=2):
+    """Random Fourier features (the release): sin and cos of each coordinate times the same dim // (2 in_dims) random
+    frequencies ~ N(0, (max_freq / 1.96)^2) (a buffer: 95% below max_freq rad per unit), zero-padded to dim, then
+    n_blocks residual SwiGLU blocks (Sec. B: "Fourier embedded and processed with an MLP")."""
+    def __init__(self, in_dims, dim, max_freq=40 * math.pi, n_blocks=2, ffn_mult=3):
         super().__init__()
-        self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(max_freq), n_bands)), persistent=False)
-        self.proj = nn.Linear(2 * in_dims * n_bands, dim)
-        self.blocks = nn.ModuleList(nn.Sequential(RMSNorm(dim), SwiGLU(dim)) for _ in range(n_blocks))
+        self.register_buffer("coeffs", torch.randn(dim // (2 * in_dims)) * max_freq / 1.96)
+        self.dim, self.blocks = dim, nn.ModuleList(nn.Sequential(RMSNorm(dim), SwiGLU(dim, ffn_mult))
+                                                   for _ in range(n_blocks))
 
     def forward(self, coords):
-        angle = (coords.unsqueeze(-1).float() * self.freq).flatten(-2)
-        x = self.proj(torch.cat([angle.sin(), angle.cos()], dim=-1).to(coords.dtype))
+        angle = coords.float()[..., None] * self.coeffs                     # [..., in_dims, n]
+        x = torch.stack([angle.sin(), angle.cos()], dim=-2).flatten(-3)    # per input: sin(n), cos(n)
+        x = F.pad(x, (0, self.dim - x.shape[-1])).to(coords.dtype)
         for block in self.blocks:
             x = x + block(x)
         return x
@@ -215,8 +222,13 @@ class ImageEncoder(nn.Module):
                 hidden_size=cfg.image_dim, num_hidden_layers=cfg.image_layers, num_attention_heads=cfg.image_heads,
                 mlp_ratio=4, patch_size=cfg.image_patch, image_size=cfg.image_pos_size,
                 num_register_tokens=cfg.image_registers, layerscale_value=1.0, layer_norm_eps=1e-6))
-        self.net.embeddings.mask_token = None  # only for masked-image pre-training; DDP wants no unused parameter
         self.n_skip, self.size = 1 + cfg.image_registers, cfg.image_size
+        self.requires_grad_(True)
+
+    def requires_grad_(self, on=True):   # DINOv2's mask token (masked-image pre-training) never trains: DDP wants no
+        super().requires_grad_(on)       # unused trainable parameter
+        self.net.embeddings.mask_token.requires_grad_(False)
+        return self
 
     def forward(self, image):
         assert image.dim() == 4 and image.shape[1:] == (3, self.size, self.size), f"image {list(image.shape)}"
@@ -224,28 +236,29 @@ class ImageEncoder(nn.Module):
 
 # -------------------------------------------------------------------------------------------------------- The track VAE
 class TrackVAE(nn.Module):
-    """Sec. B. encode(image [B, 3, S, S], tracks [B, N, T, 2] unit (x, y)) -> (mean, logvar) [B, n_latents, C]:
-    one token per (track, frame), Fourier + MLP of its (x, y), RoPE at (t, y0, x0), beside the latent grid queries
-    (+1 register); each layer self-attends, cross-attends to the DINOv2 tokens, SwiGLU. decode(z, image,
-    query_xy [B, Q, 2]) -> [B, Q, T, 2]: one query per (point, frame) attends to the latents and to its own point's
-    frames only, so a point's path does not depend on which others are decoded (decode_dense = point-wise).
+    """Sec. B. encode(image [B, 3, S, S], tracks [B, N, T, 2] unit (x, y)) -> (mean, logvar) [B, n_latents, C]: one
+    token per (track, frame), random Fourier features + MLP of its (y, x), RoPE at (t, y0, x0), beside the latent queries
+    (one learned token at every grid cell) and a register; each layer self-attends, cross-attends to the DINOv2 tokens,
+    SwiGLU. decode(z, image, query_xy [B, Q, 2]) -> [B, Q, T, 2]: one query token per (point, frame) at (t, y0, x0);
+    "joint" (the release): latents and queries in one sequence; "independent" (ours): a query attends to the latents
+    and its own point's frames only, so a point's path does not depend on the others decoded with it.
     forward(image, tracks) -> the loss (Table F): L1 over encoded and held-out tracks + beta KL."""
     def __init__(self, cfg: VAEConfig, pretrained=True):
         super().__init__()
-        self.cfg = cfg
-        d, C, bands, top = cfg.dim, cfg.latent_channels, cfg.fourier_bands, cfg.rope_max_freq_space
+        self.cfg, d, C = cfg, cfg.dim, cfg.latent_channels
+        rope = ((1, cfg.rope_max_freq_time), (1, cfg.rope_max_freq_space), (1, cfg.rope_max_freq_space))
         self.image_encoder = ImageEncoder(cfg, pretrained)
-        self.rope = RoPE(cfg.head_dim, (cfg.rope_max_freq_time, top, top))
-        self.point_embed = PointEmbed(4 if cfg.encode_offsets else 2, d, bands, top, n_blocks=2)
-        self.track_pos_embed = PointEmbed(3, d, bands, top, n_blocks=0) if cfg.position_content else None
-        self.latent_queries = nn.Parameter(torch.randn(self.n_latents, d) * 0.02)
-        self.register = nn.Parameter(torch.randn(1, d) * 0.02)
-        self.encoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult) for _ in range(cfg.enc_layers))
-        self.enc_norm, self.to_moments, self.latent_proj = RMSNorm(d), nn.Linear(d, 2 * C), nn.Linear(C, d)
-        self.query_token = nn.Parameter(torch.randn(d) * 0.02)
-        self.query_embed = PointEmbed(3, d, bands, top, n_blocks=0) if cfg.position_content else None
-        self.decoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult) for _ in range(cfg.dec_layers))
-        self.dec_norm, self.to_xy = RMSNorm(d), nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
+        self.point_embed = PointEmbed(4 if cfg.encode_offsets else 2, d, cfg.rope_max_freq_space, 2, cfg.ffn_mult)
+        self.position_embed = PointEmbed(3, d, cfg.rope_max_freq_space, 0) if cfg.position_content else None
+        self.latent_queries = nn.Parameter(torch.randn(1 if cfg.latent_layout == "grid" else self.n_latents, d))
+        self.register = nn.Parameter(torch.randn(1, d))
+        self.encoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult, rope=rope)
+                                     for _ in range(cfg.enc_layers))
+        self.to_moments, self.latent_proj = nn.Linear(d, 2 * C), nn.Linear(C, d)
+        self.query_token = nn.Parameter(torch.randn(d))
+        self.decoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult, rope=rope)
+                                     for _ in range(cfg.dec_layers))
+        self.to_xy = nn.Sequential(RMSNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
         # (t, y, x) of each latent token: slot times and grid-cell centres (Sec. D), or all zero (Fig. J)
         slot_t = (torch.arange(cfg.temporal_slots) + 0.5) / cfg.temporal_slots * 2 - 1
         cells = grid_centres(cfg.grid_size, cfg.grid_size)
@@ -257,10 +270,13 @@ class TrackVAE(nn.Module):
         return self.cfg.temporal_slots * self.cfg.grid_size ** 2
 
     def track_positions(self, start_xy, T):
-        """RoPE positions (t, y0, x0) of per-(point, frame) tokens, t in [-1, 1]: [B, N, 2] -> [B, N, T, 3]."""
-        t = torch.linspace(-1, 1, T, device=start_xy.device) if T > 1 else start_xy.new_zeros(1)
-        t = t.view(1, 1, T, 1).expand(*start_xy.shape[:2], T, 1)
-        return torch.cat([t, start_xy.flip(-1).unsqueeze(2).expand(-1, -1, T, -1)], dim=-1)
+        """RoPE positions (t, y0, x0) of per-(point, frame) tokens, t at the frames' centres in [-1, 1]: [B, N, 2] ->
+        [B, N, T, 3]."""
+        t = ((torch.arange(T, device=start_xy.device) + 0.5) / T * 2 - 1).view(1, 1, T, 1)
+        return torch.cat([t.expand(*start_xy.shape[:2], T, 1), start_xy.flip(-1).unsqueeze(2).expand(-1, -1, T, -1)], -1)
+
+    def tokens_at(self, x, pos):   # ours (position_content): tokens also carry Fourier features of their position
+        return x if self.position_embed is None else x + self.position_embed(pos)
 
     def image_tokens(self, image):   # the start frame's DINOv2 tokens, the context of encoder and decoder
         return self.image_encoder(image)
@@ -271,67 +287,78 @@ class TrackVAE(nn.Module):
         B, N, T, _ = tracks.shape
         ctx = self.image_tokens(image) if image_tokens is None else image_tokens
         pos = self.track_positions(tracks[:, :, 0], T).reshape(B, N * T, 3)
-        coords = torch.cat([tracks, tracks - tracks[:, :, :1]], dim=-1) if self.cfg.encode_offsets else tracks
-        tokens = self.point_embed(coords).reshape(B, N * T, -1)
-        if self.track_pos_embed is not None:
-            tokens = tokens + self.track_pos_embed(pos)
-        lead = torch.cat([self.latent_queries, self.register]).expand(B, -1, -1)
-        lead_pos = F.pad(self.latent_pos, (0, 0, 0, 1)).expand(B, -1, -1)
-        x, rope = torch.cat([lead, tokens], dim=1), self.rope(torch.cat([lead_pos, pos], dim=1))
+        yx = tracks.flip(-1)   # embedded as (y, x), the order of the RoPE positions
+        coords = torch.cat([yx, yx - yx[:, :, :1]], dim=-1) if self.cfg.encode_offsets else yx
+        tokens = self.tokens_at(self.point_embed(coords).reshape(B, N * T, -1), pos)
+        lead = torch.cat([self.latent_queries.expand(self.n_latents, -1), self.register]).expand(B, -1, -1)
+        x, pos = torch.cat([lead, tokens], dim=1), torch.cat([F.pad(self.latent_pos, (0, 0, 0, 1)).expand(B, -1, -1), pos], 1)
         mask = None if token_mask is None else torch.cat(
             [token_mask.new_ones(B, lead.shape[1]), token_mask.reshape(B, N * T)], 1)[:, None, None]
-        ctx_rope = self.rope(self.image_encoder.pos)
+        ctx_pos = self.image_encoder.pos.expand(B, -1, -1)
         for block in self.encoder:
-            x = block(x, rope, ctx, ctx_rope, mask=mask)
-        mean, logvar = self.to_moments(self.enc_norm(x[:, :self.n_latents])).chunk(2, dim=-1)
-        return mean, logvar.clamp(-30, 20)
+            x = block(x, pos, ctx, ctx_pos, mask=mask)
+        return self.to_moments(x[:, :self.n_latents]).chunk(2, dim=-1)
+
+    def decode_joint(self, z, ctx, query_xy, T):
+        """The release's decoder: [latents | one query per (point, frame)] in one sequence through every layer."""
+        B, Q, _ = query_xy.shape
+        qpos = self.track_positions(query_xy, T).reshape(B, Q * T, 3)
+        x = torch.cat([self.latent_proj(z), self.tokens_at(self.query_token.expand(B, Q * T, -1), qpos)], dim=1)
+        pos, ctx_pos = torch.cat([self.latent_pos.expand(B, -1, -1), qpos], 1), self.image_encoder.pos.expand(B, -1, -1)
+        for block in self.decoder:
+            x = block(x, pos, ctx, ctx_pos)
+        return x[:, z.shape[1]:]
 
     def decoder_context(self, z, ctx):
-        """The latent tokens through the decoder once (they attend to each other and the image, never to the
-        queries): per layer, the (k, v) the queries attend to."""
-        x = self.latent_proj(z)
-        rope = tuple(r.expand(z.shape[0], -1, -1) for r in self.rope(self.latent_pos))
-        ctx_rope, kvs = self.rope(self.image_encoder.pos), []
+        """Independent decoding: the latent tokens through the decoder once (they attend to each other and the image,
+        never to the queries): per layer, the (k, v) the queries attend to."""
+        x, pos = self.latent_proj(z), self.latent_pos.expand(z.shape[0], -1, -1)
+        ctx_pos, kvs = self.image_encoder.pos.expand(z.shape[0], -1, -1), []
         for i, block in enumerate(self.decoder):
-            kvs.append(block.self_attn.keys_values(block.norm1(x), rope))
+            kvs.append(block.self_attn.keys_values(block.norm1(x), pos))
             if i + 1 < len(self.decoder):
-                x = block(x, rope, ctx, ctx_rope)
+                x = block(x, pos, ctx, ctx_pos)
         return kvs
 
     def decode_queries(self, kvs, ctx, query_xy, T):
         B, Q, _ = query_xy.shape
         pos = self.track_positions(query_xy, T).reshape(B * Q, T, 3)
-        x = self.query_token.expand(B * Q, T, -1)
-        if self.query_embed is not None:
-            x = x + self.query_embed(pos)
-        rope, ctx_rope = self.rope(pos), self.rope(self.image_encoder.pos)
+        x, ctx_pos = self.tokens_at(self.query_token.expand(B * Q, T, -1), pos), self.image_encoder.pos.expand(B, -1, -1)
         for block, (k, v) in zip(self.decoder, kvs):
             extra = tuple(a.unsqueeze(1).expand(-1, Q, -1, -1, -1).reshape(B * Q, *a.shape[1:]) for a in (k, v))
-            x = block(x, rope, ctx, ctx_rope, extra_kv=extra)
-        xy = self.to_xy(self.dec_norm(x)).reshape(B, Q, T, 2)
-        return xy + query_xy.unsqueeze(2) if self.cfg.predict_offsets else xy
+            x = block(x, pos, ctx, ctx_pos, extra_kv=extra)
+        return x.reshape(B, Q * T, -1)
 
-    def decode(self, z, image, query_xy, T=None, chunk=4096, image_tokens=None, progress=False):
-        """z [B, n_latents, C], query_xy [B, Q, 2] unit (x, y) -> tracks [B, Q, T, 2], chunk points at a time."""
+    def decode(self, z, image, query_xy, T=None, chunk=None, image_tokens=None, progress=False):
+        """z [B, n_latents, C], query_xy [B, Q, 2] unit (x, y) -> tracks [B, Q, T, 2], chunk points at a time. Independent:
+        any chunking gives the same paths (default 4096). Joint: a chunk's points see each other (default n_enc + n_dec,
+        the count trained on), and chunk j holds points j, j + n, j + 2n, ... so that each chunk spans the frame."""
         from tqdm import tqdm
         assert query_xy.dim() == 3 and query_xy.shape[-1] == 2, f"query_xy [B, Q, 2], not {list(query_xy.shape)}"
+        (B, Q, _), T, joint = query_xy.shape, T or self.cfg.n_frames, self.cfg.decoder_attention == "joint"
         ctx = self.image_tokens(image) if image_tokens is None else image_tokens
-        kvs, chunks = self.decoder_context(z, ctx), query_xy.split(chunk, dim=1)
-        return torch.cat([self.decode_queries(kvs, ctx, q, T or self.cfg.n_frames)
-                          for q in tqdm(chunks, disable=not progress, desc="decode", leave=False)], dim=1)
+        chunk = chunk or (self.cfg.n_enc + self.cfg.n_dec if joint else 4096)
+        n = -(-Q // chunk)
+        parts = [torch.arange(j, Q, n, device=z.device) for j in range(n)] if joint else \
+            torch.arange(Q, device=z.device).split(chunk)
+        kvs, out = None if joint else self.decoder_context(z, ctx), query_xy.new_empty(B, Q, T, 2)
+        for idx in tqdm(parts, disable=not progress, desc="decode", leave=False):
+            x = self.decode_joint(z, ctx, query_xy[:, idx], T) if joint else self.decode_queries(kvs, ctx, query_xy[:, idx], T)
+            out[:, idx] = self.to_xy(x).reshape(B, len(idx), T, 2).to(out.dtype)
+        return out + query_xy.unsqueeze(2) if self.cfg.predict_offsets else out
 
     @torch.no_grad()
-    def decode_dense(self, z, image, height, width, chunk=2048, progress=False):
-        """Sec. C densification: every pixel centre of a height x width frame -> [B, H, W, T, 2] unit (x, y);
-        memory is bounded by the chunk of points decoded at once."""
+    def decode_dense(self, z, image, height, width, chunk=None, progress=False):
+        """Sec. C densification: every pixel centre of a height x width frame -> [B, H, W, T, 2] unit (x, y); memory is
+        bounded by the chunk of points decoded at once."""
         xs, ys = torch.linspace(-1, 1, width, device=z.device), torch.linspace(-1, 1, height, device=z.device)
         query = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(1, -1, 2).expand(len(z), -1, -1)
         tracks = self.decode(z, image, query, chunk=chunk, progress=progress)
         return tracks.reshape(len(z), height, width, self.cfg.n_frames, 2)
 
     def forward(self, image, tracks, visible=None, rng=None):
-        """tracks [B, N, T, 2]: the first n_enc are encoded, all N reconstructed from their start points. rng: a
-        SampleRandom for the track dropout and the posterior noise (default: the global RNG)."""
+        """tracks [B, N, T, 2]: the first n_enc are encoded, all N reconstructed from their start points (a joint
+        decoder: all N at once, as trained). rng: a SampleRandom for the track dropout and the posterior noise."""
         cfg, (B, N, T, _) = self.cfg, tracks.shape
         rng = rng or SampleRandom(torch.randint(2 ** 31, (B,)).tolist(), device=tracks.device)   # (fresh noise)
         use = torch.ones(B, N, T, dtype=torch.bool, device=tracks.device)
@@ -342,7 +369,7 @@ class TrackVAE(nn.Module):
         ctx, n_enc = self.image_tokens(image), min(cfg.n_enc, N)
         mean, logvar = self.encode(image, tracks[:, :n_enc], use[:, :n_enc], image_tokens=ctx)
         z = mean + rng.randn(*mean.shape[1:]) * (0.5 * logvar).exp() if self.training else mean  # reparameterised
-        pred = self.decode(z, image, tracks[:, :, 0], T, image_tokens=ctx)
+        pred = self.decode(z, image, tracks[:, :, 0], T, chunk=N, image_tokens=ctx)
         n = use.sum().clamp(min=1)
         recon = (LOSSES[cfg.recon_loss](pred, tracks, reduction="none").mean(-1) * use).sum() / n
         l1 = ((pred - tracks).abs().mean(-1) * use).sum() / n
@@ -374,7 +401,10 @@ def check_pair(model, expected, what, path):
                          f"{expected})")
 
 def load_vae(path, device="cpu", make=None):
-    """A TrackVAE from a checkpoint of this file (weights_only), with .fingerprint."""
+    """A TrackVAE from a checkpoint of this file (weights_only) or a release file (release.py), with .fingerprint."""
+    import release
+    if release.is_release(path):
+        return release.load_vae(path, device)
     return load_model(path, "vae", VAEConfig, lambda cfg: TrackVAE(cfg, pretrained=False), device, make)[0]
 
 def dry_run(cfg, model, groups, default):
@@ -410,7 +440,7 @@ def main(argv=None):
     model = TrackVAE(cfg, pretrained=not cfg.dry_run)
     if cfg.dry_run:
         return dry_run(cfg, model, dict(image_encoder="image encoder", **dict.fromkeys(
-            ("latent_proj", "query_token", "query_embed", "decoder", "dec_norm", "to_xy"), "decoder")), "encoder")
+            ("latent_proj", "query_token", "decoder", "to_xy"), "decoder")), "encoder")
     from data import make_track_dataset   # synthetic, .npz clips, .tar shards, or LIBERO .hdf5 demos
     common = dict(n_frames=cfg.n_frames, n_enc=cfg.n_enc, n_dec=cfg.n_dec, image_size=cfg.image_size, seed=cfg.seed,
                   synth_tracks=cfg.synth_tracks)

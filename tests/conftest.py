@@ -22,14 +22,14 @@ import vae  # noqa: E402
 # 8 frames, a 4x4 grid of 4 channels, a 28 px random DINOv2 with 2x2 patches, one layer per stack
 MICRO_VAE = dict(vae.PRESETS["tiny"], n_frames=8, n_enc=4, n_dec=4, synth_tracks=64, image_size=28, image_pos_size=28,
                  image_dim=32, image_layers=1, image_heads=2, dim=32, enc_layers=1, dec_layers=1, head_dim=16,
-                 latent_channels=4, grid_size=4, fourier_bands=8, num_workers=0, device="cpu", max_steps=2,
+                 latent_channels=4, grid_size=4, num_workers=0, device="cpu", max_steps=2,
                  batch_start=4, batch_end=4, micro_batch=4, log_every=1, val_every=1000, val_clips=2, ckpt_every=1000)
 MICRO_PLANNER = dict(planner.PRESETS["tiny"], n_frames=8, latent_channels=4, grid_size=4, image_size=28,
                      image_pos_size=28, image_dim=32, image_layers=1, image_heads=2, dim=32, layers=2, head_dim=16,
-                     time_dim=16, cond_dim=32, fourier_bands=8, max_pokes=4, norm_samples=8, num_workers=0, device="cpu",
+                     time_dim=16, cond_dim=32, max_pokes=4, norm_samples=8, num_workers=0, device="cpu",
                      max_steps=2, batch_start=4, batch_end=4, micro_batch=4, log_every=1, val_every=1000, val_clips=2,
                      val_k=2, val_steps=1, ckpt_every=1000)
-MICRO_POLICY = dict(policy.PRESETS["tiny"], latent_tokens=2 * 16, latent_channels=4, dim=32, layers=1, head_dim=16,
+MICRO_POLICY = dict(policy.PRESETS["tiny"], latent_tokens=2 * 16, latent_channels=4, grid_size=4, dim=32, layers=1, head_dim=16,
                     action_chunk=4, latent_pool=8, norm_samples=8, max_steps=3, batch_start=4, batch_end=4, micro_batch=4,
                     num_workers=0, val_every=1000, eval_stride=8, log_every=1, device="cpu", plan_steps=2, eval_json="")
 
@@ -106,7 +106,7 @@ def libero_chain(tmp_path_factory, robot_demos):
     root = tmp_path_factory.mktemp("chain")
     vae.main(flags(MICRO_VAE, n_enc=6, n_dec=6, data=robot_demos, out_dir=root / "vae"))
     planner.main(["--preset=libero_tiny"] + flags({k: v for k, v in MICRO_PLANNER.items() if k in (
-        "dim", "layers", "head_dim", "time_dim", "cond_dim", "fourier_bands", "norm_samples", "max_steps", "batch_start",
+        "dim", "layers", "head_dim", "time_dim", "cond_dim", "norm_samples", "max_steps", "batch_start",
         "batch_end", "micro_batch", "num_workers", "log_every", "val_clips", "val_k", "val_steps", "device")},
         val_every=2, eval_tracks=4, data=robot_demos, vae=root / "vae" / "ckpt.pt", out_dir=root / "planner"))
     policy.main(flags(MICRO_POLICY, data=robot_demos, planner=root / "planner" / "ckpt.pt", out_dir=root / "policy",

@@ -262,7 +262,7 @@ def test_planner_scores_on_linear_motion(micro_checkpoints):
     """Tracks moving at constant speed: the straight line to the poke is exact when every track is poked."""
     from planner import load_planner
     model = vae.load_vae(micro_checkpoints[0])
-    planner = load_planner(micro_checkpoints[1], vae=model)
+    planner = load_planner(micro_checkpoints[1])
     g = torch.Generator().manual_seed(1)
     items = []
     for _ in range(2):

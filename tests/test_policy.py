@@ -25,7 +25,8 @@ class FixedPlanner(torch.nn.Module):
     def __init__(self, z, image_size=16):
         super().__init__()
         self.register_buffer("z", z)
-        self.cfg = dataclasses.make_dataclass("Cfg", ["image_size", "latent_channels"])(image_size, z.shape[-1])
+        self.cfg = dataclasses.make_dataclass("Cfg", ["image_size", "latent_channels", "grid_size"])(
+            image_size, z.shape[-1], math.isqrt(z.shape[1] // 2))
         self.n_views, self.n_latents, self.seen = 2, z.shape[1] // 2, []
 
     def sample(self, image, task_emb=None, timestep=None, steps=10, generator=None, noise=None):
@@ -53,7 +54,7 @@ class ChunkHead(torch.nn.Module):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(1))
 
-    def actions(self, z):
+    def actions(self, z, proprio=None):
         return z
 
 
@@ -70,7 +71,7 @@ class FakeWindows(torch.utils.data.Dataset):
     def __getitem__(self, i):
         e = i % 6
         return dict(image=torch.zeros(2, 3, 16, 16), task_emb=self.tasks[e], timestep=torch.tensor(i // 6),
-                    actions=(self.tasks[e] @ self.mix).expand(4, 7).clone(), demo=e, index=i)
+                    actions=(self.tasks[e] @ self.mix).expand(4, 7).clone(), proprio=torch.zeros(0), demo=e, index=i)
 
 
 def frames(seed, B=None):
@@ -80,7 +81,8 @@ def frames(seed, B=None):
 
 def micro_head(**overrides):
     torch.manual_seed(0)
-    return moved_off_zero(PolicyHead(micro_policy_config(latent_tokens=8, latent_channels=3, **overrides))).eval()
+    cfg = micro_policy_config(latent_tokens=8, latent_channels=3, grid_size=2, **overrides)   # 2 views of 2 x 2
+    return moved_off_zero(PolicyHead(cfg)).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- the head
@@ -99,6 +101,26 @@ def test_the_head_sees_only_the_latents():
     assert not torch.allclose(pol.chunk(frames(0), torch.zeros(5), 3), a1, atol=1e-4)
     grad = torch.autograd.functional.jacobian(lambda x: head(x).sum(), z)
     assert (grad.abs().sum(-1) > 0).all()                          # every latent token moves the actions
+
+
+def test_the_release_head_reads_the_robot_state_as_one_more_token_at_the_origin():
+    head = micro_head(proprio_dim=9)
+    z, proprio = torch.randn(2, 8, 3), torch.randn(2, 9)
+    out = head(z, proprio)
+    assert out.shape == (2, 4, 7) and not torch.allclose(head(z, proprio + 1), out, atol=1e-4)
+    with pytest.raises(AssertionError, match="proprio"):
+        head(z)
+    seen = {}
+    head.blocks[0].cross_attn.register_forward_hook(lambda m, args, o: seen.update(ctx=args[2], pos=args[3]))
+    head(z, proprio)
+    assert seen["ctx"].shape == (2, 9, 32) and torch.equal(seen["pos"][:, -1], torch.zeros(2, 2))   # 8 latents + state
+    torch.testing.assert_close(seen["pos"][0, :4], vae_grid(2))                   # each view's latents at their cells
+    torch.testing.assert_close(seen["ctx"][:, -1], head.proprio_in(proprio) + head.modality_embed[5])
+
+
+def vae_grid(n):
+    from vae import grid_centres
+    return grid_centres(n, n)
 
 
 def test_action_chunk_shapes_and_units():
@@ -202,7 +224,7 @@ def test_training_learns_from_the_plan_and_not_from_shuffled_plans(tmp_path, mon
 
 def test_paper_dry_run_prints_the_head_and_the_head_with_its_planner(capsys):
     policy.main(["--preset", "paper", "--dry-run", "--planner", "missing.pt"])
-    assert re.findall(r"^total parameters: (\d+)", capsys.readouterr().out, flags=re.M) == ["60601351", "635022103"]
+    assert re.findall(r"^total parameters: (\d+)", capsys.readouterr().out, flags=re.M) == ["60815760", "629624664"]
 
 
 def test_a_missing_or_open_planner_is_named(tmp_path):
@@ -224,6 +246,7 @@ def test_main_trains_evaluates_and_rolls_out_on_robot_demos(libero_chain, tmp_pa
     assert (cfg["latent_tokens"], cfg["latent_channels"]) == (2 * 16, 4)            # both views' 4x4x4 grids
     assert cfg["planner_fingerprint"] == planner.fingerprint
     assert set(ckpt["model"]) == set(PolicyHead(micro_policy_config(latent_tokens=32)).state_dict())   # the head alone
+    assert cfg["proprio_dim"] == 0 and cfg["grid_size"] == 4           # (the robot task has no robot state)
     assert re.search(r"val step 3 .*policy \S+ mean_action \S+ ratio", (libero_chain["root"] / "policy" / "log.txt")
                      .read_text())
     # --evaluate: the head and a compared copy of it (named by its folder) on the same plans, then Table E

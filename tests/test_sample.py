@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import planner
 import sample
 import vae
 from conftest import micro_vae_config, moved_off_zero, save_model
@@ -22,7 +23,7 @@ def files(tmp_path_factory, micro_checkpoints):
     from conftest import micro_planner_config
     root = tmp_path_factory.mktemp("sample")
     torch.manual_seed(0)
-    model = moved_off_zero(vae.TrackVAE(micro_vae_config(), pretrained=False).eval())
+    model = moved_off_zero(vae.TrackVAE(micro_vae_config(), pretrained=False).eval(), scale=0.1)
     model.fingerprint = vae.fingerprint(model)
     guide_vae = save_model(root / "guide_vae.pt", "vae", model)
     guide_planner = save_model(root / "guide_planner.pt", "planner",
@@ -106,13 +107,13 @@ def test_dense_field_equals_point_wise_decoding():
 
 
 def test_sample_latents_takes_numpy_float64_pokes(files):
-    model, planner = vae.load_vae(files["vae"]), sample.load_planner(files["planner"])
-    image = torch.randn(3, planner.cfg.image_size, planner.cfg.image_size)
+    model, the_planner = vae.load_vae(files["vae"]), planner.load_planner(files["planner"])
+    image = torch.randn(3, the_planner.cfg.image_size, the_planner.cfg.image_size)
     pokes = np.array([[0.1, -0.2, 0.4, 0.3, 1.0]])
-    z = [sample.sample_latents(planner, image, p, k=2, steps=2, vae=model, poke_guidance=0.5)
+    z = [sample.sample_latents(the_planner, image, p, k=2, steps=2, vae=model, poke_guidance=0.5)
          for p in (pokes, torch.tensor(pokes, dtype=torch.float32))]
     assert z[0].dtype == torch.float32 and z[0].shape == (2, 16, 4) and torch.equal(z[0], z[1])
-    assert not torch.equal(z[0], sample.sample_latents(planner, image, pokes, k=2, steps=2, vae=model))   # guided
+    assert not torch.equal(z[0], sample.sample_latents(the_planner, image, pokes, k=2, steps=2, vae=model))   # guided
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -158,7 +159,7 @@ def test_poke_guidance_is_on_by_default_and_zero_is_the_papers_sampler(files, tm
     starts = np.array([[25.0, 20.0], [50.0, 30.0]], np.float32)
     with torch.no_grad():
         image = prepare_image(frame, model.cfg.image_size)[1][None]
-        z = 2 * torch.randn(1, model.n_latents, model.cfg.latent_channels, generator=torch.Generator().manual_seed(3))
+        z = torch.randn(1, model.n_latents, model.cfg.latent_channels, generator=torch.Generator().manual_seed(3))
         ends = model.decode(z, image, torch.as_tensor(pixels_to_unit(starts, W, H))[None])[0, :, -1]
     goals = unit_to_pixels(ends.numpy(), W, H)
     pokes = [f"--poke={x0:g},{y0:g},{x1:.3f},{y1:.3f}" for (x0, y0), (x1, y1) in zip(starts, goals)]
@@ -224,8 +225,8 @@ def test_bad_files_are_named_value_errors_and_write_nothing(files, tmp_path):
     missing = tmp_path / "runs"
     with pytest.raises(ValueError, match=rf"{missing}/vae/ckpt.pt: no such checkpoint; make it with: python3 vae.py "
                                          rf"--out_dir {missing}/vae$"):
-        sample.main([f"--vae={missing}/vae/ckpt.pt", f"--planner={missing}/planner/ckpt.pt", f"--out={out}"])
-    with pytest.raises(ValueError, match=rf"no such checkpoint; make it with: python3 planner.py --vae {files['vae']} "
-                                         rf"--out_dir {missing}/planner$"):
+        sample.main([f"--vae={missing}/vae/ckpt.pt", f"--planner={files['planner']}", f"--out={out}"])
+    with pytest.raises(ValueError, match=rf"no such checkpoint; make it with: python3 planner.py --out_dir "
+                                         rf"{missing}/planner$"):
         sample.main([f"--vae={files['vae']}", f"--planner={missing}/planner/ckpt.pt", f"--out={out}"])
     assert not out.exists()
