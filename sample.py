@@ -216,8 +216,9 @@ def main(argv=None):
         joint = vae.cfg.decoder_attention == "joint"
         chunk = args.chunk or (vae.cfg.n_enc + vae.cfg.n_dec if joint else 2048)
         if joint:
-            print(f"dense: the joint decoder (the release's) decodes {chunk} points at a time, each chunk every "
-                  f"{-(-args.dense_size ** 2 // chunk)}-th pixel: a point's path depends on the others in its chunk")
+            n = -(-args.dense_size ** 2 // chunk)
+            print(f"dense: the joint decoder (the release's) decodes in {n} chunks of <= {chunk} points, chunk j the "
+                  f"pixels j, j + {n}, j + {2 * n}, ...: a point's path depends on the others in its chunk")
         field_px = unit_to_pixels(decode_dense_field(vae, z, image, args.dense_size, chunk).cpu().numpy(), W, H)
         dense_px = unit_to_pixels(dense_query(args.dense_size).numpy(), W, H)
         moved = field_px[:, :, :, -1] - dense_px   # each pixel's end-frame displacement
