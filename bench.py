@@ -23,7 +23,7 @@ def count_flops(models, fn):
         elif isinstance(module, Attention):   # x [B, L, d] attends to ctx [B, S, .] (+ extra keys)
             x, ctx, extra = args[0], kwargs.get("ctx", args[2] if len(args) > 2 else None), kwargs.get("extra_kv")
             keys = (x if ctx is None else ctx).shape[1] + (0 if extra is None else extra[0].shape[2])
-            flops = 4 * x.shape[0] * x.shape[1] * keys * module.q.out_features
+            flops = 4 * x.shape[0] * x.shape[1] * keys * module.out.out_features
         else:                                 # DINOv2's self-attention (transformers): hidden states [B, L, d]
             h = args[0] if args else kwargs["hidden_states"]
             flops = 4 * h.shape[0] * h.shape[1] ** 2 * h.shape[2]

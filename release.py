@@ -42,7 +42,7 @@ SUBS = [   # their key -> ours, regular-expression substitutions applied in orde
     (r"blocks\.(\d+)\.down_proj\.", r"blocks.\1.1.w3."), (r"self_attn\.norm\.", "norm1."), (r"cross_attn\.norm\.", "norm2."),
     (r"ff\.norm\.", "norm3."), (r"(norm\d)\.linear\.", r"\1.cond."), (r"norm_cross\.", "ctx_norm."),
     (r"(norm\d?|ctx_norm|\.0)\.scale$", r"\1.weight"), (r"\.(q|kv|out)_proj\.", r".\1."), (r"ff\.up_proj\.", "ffn.w12."),
-    (r"ff\.down_proj\.", "ffn.w3."), (r"pos_emb\.", "rope."), (r"self_attn\.qkv_proj\.weight", "self_attn.qkv"),
+    (r"ff\.down_proj\.", "ffn.w3."), (r"pos_emb\.", "rope."), (r"qkv_proj\.", "qkv."),
     (r"^text_layers\.(\d+)\.self_attn\.", r"text_layers.\1.attn."), (r"^text_layers\.(\d+)\.norm3\.", r"text_layers.\1.norm2."),
 ]
 DROPPED = r"(encoder\.(reg_pos|query_pos|pos_cross)|decoder\.pos_cross)"   # their position buffers: ours computes them
@@ -76,7 +76,7 @@ def part(state, prefix, exclude=None):
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not (exclude and k.startswith(exclude))}
 
 def convert(state, model, source, what):
-    """Their state dict -> `model`'s (loaded): renamed by SUBS, the fused q|k|v split, t and (y, x) RoPE tables stacked,
+    """Their state dict -> `model`'s (loaded): renamed by SUBS, DINOv2's q|k|v split, t and (y, x) RoPE tables stacked,
     to_mean | to_logvar concatenated, the (y, x) output row order flipped to (x, y), shapes of one-token parameters."""
     out, target = {}, model.state_dict()
     for key, value in state.items():
@@ -84,10 +84,7 @@ def convert(state, model, source, what):
             continue
         for pattern, repl in SUBS:
             key = re.sub(pattern, repl, key)
-        if key.endswith(("self_attn.qkv", "attn.qkv")):
-            d = len(value) // 3
-            out.update({key[:-3] + "q.weight": value[:d], key[:-3] + "kv.weight": value[d:]})
-        elif "attention.qkv_" in key:   # DINOv2: [q | k | v] with biases
+        if "attention.qkv_" in key:   # DINOv2: [q | k | v] with biases
             for name, piece in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
                 out[key.replace("qkv_", name + ".")] = piece
         else:

@@ -112,7 +112,7 @@ class SwiGLU(nn.Module):
 class RoPE(nn.Module):
     """Axial RoPE of real positions, e.g. (t, y, x), one learned table per attention module (the release): per axis and
     head head_dim / 8 frequencies (1 axis: head_dim / 4), geometric in [lo, hi) with head h taking every heads-th of
-    them. pos [B, S, axes] -> angles [B, heads, S, axes * k], axis by axis."""
+    them. pos [B, S, axes] -> angles [B, S, heads, axes * k], axis by axis."""
     def __init__(self, head_dim, heads, ranges, learn=True):
         super().__init__()
         k = head_dim // (4 if len(ranges) == 1 else 8)
@@ -120,10 +120,10 @@ class RoPE(nn.Module):
         self.freqs = nn.Parameter(torch.stack(freqs), requires_grad=learn)   # [axes, heads, k]
 
     def forward(self, pos):
-        return (pos.float()[:, None, :, :, None] * self.freqs.float().transpose(0, 1)[:, None]).flatten(-2)
+        return (pos.float()[:, :, None, :, None] * self.freqs.float().transpose(0, 1)).flatten(-2)
 
 def apply_rope(x, angle):
-    """x [B, heads, S, head_dim] rotated by angles [B, heads, S, n]: the pairs (i, i + n) of its first 2n dims turn
+    """x [..., head_dim] rotated by angles [..., n] (broadcast): the pairs (i, i + n) of its first 2n dims turn
     (rotate-half), the other dims pass unchanged."""
     n, (cos, sin) = angle.shape[-1], (angle.cos(), angle.sin())
     a, b, rest = x[..., :n].float(), x[..., n:2 * n].float(), x[..., 2 * n:]
@@ -132,29 +132,47 @@ def apply_rope(x, angle):
 class Attention(nn.Module):
     """Cosine-similarity multi-head attention (the release): queries and keys unit-normalised per head, scaled by the
     square root of a learned per-head temperature (init 10), then RoPE at their own positions (rope: (lo, hi) per axis;
-    None: none); a cross-attention (kv_dim) RMS-normalises its context first. extra_kv: (k, v) in heads, normalised and
-    rotated, put before the keys (the independent decoder's latents)."""
+    None: none). Self-attention projects q | k | v at once; a cross-attention (kv_dim) RMS-normalises its context and
+    projects q and k | v. extra_kv: (k, v) [B, heads, S', head_dim], normalised and rotated, put before the keys (the
+    independent decoder's latents)."""
     def __init__(self, dim, head_dim, kv_dim=None, rope=None, learn_rope=True):
         super().__init__()
-        self.heads = dim // head_dim
-        self.q, self.out = nn.Linear(dim, dim, bias=False), zero_init(nn.Linear(dim, dim, bias=False))
-        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=False)
-        self.ctx_norm = RMSNorm(kv_dim) if kv_dim else None
+        self.heads, self.head_dim, self.out = dim // head_dim, head_dim, zero_init(nn.Linear(dim, dim, bias=False))
+        if kv_dim:
+            self.q, self.kv, self.ctx_norm = nn.Linear(dim, dim, bias=False), nn.Linear(kv_dim, 2 * dim, bias=False), \
+                RMSNorm(kv_dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.scale = nn.Parameter(torch.full((self.heads,), 10.0))
         self.rope = RoPE(head_dim, self.heads, rope, learn_rope) if rope else None
 
-    def heads_of(self, x, pos):   # [B, S, dim] -> [B, heads, S, head_dim], cosine-normalised and rotated
-        x = x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        x = x * (torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6) * self.scale.float()[:, None, None].sqrt()
+    def normed(self, x, pos):
+        """x [B, S, (parts,) heads, head_dim] -> cosine-normalised, sqrt(temperature)-scaled and rotated (token-major)."""
+        x = x * (torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6) * self.scale.float()[:, None].sqrt()
                  ).to(x.dtype)
-        return x if self.rope is None else apply_rope(x, self.rope(pos))
+        if self.rope is None:
+            return x
+        angle = self.rope(pos)
+        return apply_rope(x, angle if x.dim() == 4 else angle.unsqueeze(2))
+
+    def split(self, x, parts):   # [B, S, parts * dim] -> [B, S, parts, heads, head_dim]
+        return x.view(*x.shape[:2], parts, self.heads, self.head_dim)
 
     def keys_values(self, ctx, pos):
-        k, v = self.kv(ctx if self.ctx_norm is None else self.ctx_norm(ctx)).chunk(2, dim=-1)
-        return self.heads_of(k, pos), v.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        """The (k, v) [B, heads, S, head_dim] of context tokens (of x itself in a self-attention)."""
+        kv = self.kv(self.ctx_norm(ctx)) if hasattr(self, "kv") else F.linear(ctx, self.qkv.weight[len(self.scale) *
+                                                                                                   self.head_dim:])
+        k, v = self.split(kv, 2).unbind(2)
+        return self.normed(k, pos).transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, pos, ctx=None, ctx_pos=None, mask=None, extra_kv=None):
-        q, (k, v) = self.heads_of(self.q(x), pos), self.keys_values(x, pos) if ctx is None else self.keys_values(ctx, ctx_pos)
+        if ctx is None:   # q and k at the same positions: normalised and rotated together
+            qkv = self.split(self.qkv(x), 3)
+            qk, v = self.normed(qkv[:, :, :2], pos), qkv[:, :, 2].transpose(1, 2)
+            q, k = (t.transpose(1, 2) for t in qk.unbind(2))
+        else:
+            q = self.normed(self.split(self.q(x), 1)[:, :, 0], pos).transpose(1, 2)
+            k, v = self.keys_values(ctx, ctx_pos)
         if extra_kv is not None:
             k, v = torch.cat([extra_kv[0], k], dim=2), torch.cat([extra_kv[1], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)

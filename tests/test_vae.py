@@ -27,7 +27,7 @@ def differs(a, b, by=1e-3):
 def test_rope_scores_depend_only_on_position_differences(n_axes):
     torch.manual_seed(0)
     rope = RoPE(head_dim=32, heads=2, ranges=[(1, 40 * math.pi)] * n_axes)
-    q, k = torch.randn(2, 1, 2, 1, 32).unbind(0)             # [B, heads, S, head_dim]
+    q, k = torch.randn(2, 1, 1, 2, 32).unbind(0)             # [B, S, heads, head_dim]
     pq, pk, shift = torch.rand(3, 1, 1, n_axes) * 2 - 1
 
     def score(a, b):
@@ -46,10 +46,10 @@ def test_rope_tables_interleave_geometric_frequencies_over_heads_and_leave_the_t
         assert_close(rope.freqs[axis], ladder.view(8, 12).T)                     # head h: entries h, h + 12, ...
     one_axis = RoPE(head_dim=64, heads=12, ranges=((1e-3, 1.0),), learn=False)   # the text layers' 1-D table
     assert one_axis.freqs.shape == (1, 12, 16) and not one_axis.freqs.requires_grad
-    x, pos = torch.randn(1, 12, 3, 64), torch.rand(1, 3, 3) * 2 - 1
-    angle = rope(pos)                                                             # [B, heads, S, 24]: t, then y, x
-    assert angle.shape == (1, 12, 3, 24)
-    assert_close(angle[0, 5, 1, 8:16], pos[0, 1, 1] * rope.freqs[1, 5])          # head 5's y angles
+    x, pos = torch.randn(1, 3, 12, 64), torch.rand(1, 3, 3) * 2 - 1
+    angle = rope(pos)                                                             # [B, S, heads, 24]: t, then y, x
+    assert angle.shape == (1, 3, 12, 24)
+    assert_close(angle[0, 1, 5, 8:16], pos[0, 1, 1] * rope.freqs[1, 5])          # head 5's y angles
     turned = apply_rope(x, angle)
     assert torch.equal(turned[..., 48:], x[..., 48:])                             # dims 48..63 pass unchanged
     a, b = x[..., :24], x[..., 24:48]                                             # pairs (i, i + 24) rotate
@@ -84,8 +84,8 @@ def test_swiglu_formula_gate_second_and_parameter_count():
     assert_close(ffn(x), ((x @ a.T) * F.silu(x @ gate.T)) @ ffn.w3.weight.T)
 
 
-def heads(x, n):   # [B, S, d] -> [B, n, S, d / n]
-    return x.unflatten(-1, (n, -1)).transpose(1, 2)
+def heads(x, n):   # [B, S, d] -> [B, S, n, d / n]
+    return x.unflatten(-1, (n, -1))
 
 
 def test_attention_is_cosine_similarity_with_a_learned_temperature_rope_context_norm_mask_and_extra_keys():
@@ -95,23 +95,25 @@ def test_attention_is_cosine_similarity_with_a_learned_temperature_rope_context_
     extra = torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8)          # [B, heads, 2 keys, head_dim]
     mask = torch.tensor([True, False, True, True, False, True, False]).view(1, 1, 1, 7)   # 2 extra + 5 keys
 
-    def unit(t):   # cosine normalisation, then sqrt(temperature) per head
-        return t / torch.sqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) * attn.scale.sqrt()[:, None, None]
+    def unit(t, module):   # cosine normalisation, then sqrt(temperature) per head ([B, S, heads, head_dim])
+        return t / torch.sqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) * module.scale.sqrt()[:, None]
     out = attn(x, px, ctx, pc, mask=mask, extra_kv=extra)
     c = ctx / torch.sqrt(ctx.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.ctx_norm.weight
     k, v = (heads(t, 2) for t in attn.kv(c).chunk(2, -1))
-    q, k = apply_rope(unit(heads(attn.q(x), 2)), attn.rope(px)), apply_rope(unit(k), attn.rope(pc))
+    q, k = apply_rope(unit(heads(attn.q(x), 2), attn), attn.rope(px)), apply_rope(unit(k, attn), attn.rope(pc))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                  # -> [B, heads, S, head_dim]
     k, v = torch.cat([extra[0], k], 2), torch.cat([extra[1], v], 2)
     scores = q @ k.transpose(-1, -2) + torch.where(mask, 0.0, -torch.inf)       # no 1 / sqrt(d): the temperature
     assert_close(out, attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 3, 16)))
-    # self-attention when there is no context: the queries' own keys at their own positions, no context norm
+    # self-attention: one q | k | v projection, the queries' own keys at their own positions, no context norm
     attn_self = moved_off_zero(Attention(dim=16, head_dim=8, rope=((1, 3.0),)))
-    assert attn_self.ctx_norm is None
-    unit = lambda t: t / torch.sqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) * attn_self.scale.sqrt()[:, None, None]  # noqa
-    ks, vs = (heads(t, 2) for t in attn_self.kv(x).chunk(2, -1))
-    qs, ks = (apply_rope(unit(t), attn_self.rope(px)) for t in (heads(attn_self.q(x), 2), ks))
-    expect = (qs @ ks.transpose(-1, -2)).softmax(-1) @ vs
+    assert not hasattr(attn_self, "ctx_norm") and attn_self.qkv.weight.shape == (48, 16)   # the release's layout
+    qs, ks, vs = (heads(t, 2) for t in attn_self.qkv(x).chunk(3, -1))
+    qs, ks = (apply_rope(unit(t, attn_self), attn_self.rope(px)).transpose(1, 2) for t in (qs, ks))
+    expect = (qs @ ks.transpose(-1, -2)).softmax(-1) @ vs.transpose(1, 2)
     assert_close(attn_self(x, px), attn_self.out(expect.transpose(1, 2).reshape(2, 3, 16)))
+    k_lat, v_lat = attn_self.keys_values(x, px)                       # the independent decoder's cached latents
+    assert_close(k_lat, ks) and assert_close(v_lat, vs.transpose(1, 2))
 
 
 def test_block_is_pre_norm_residual_self_cross_ffn_and_shares_context_over_folded_rows():
