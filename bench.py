@@ -10,7 +10,7 @@ import torch
 from data import check_output, write_atomically
 from eval import table
 from planner import PRESETS as PLANNER_PRESETS, VAE_FIELDS, MotionPlanner, PlannerConfig, make_loss
-from trainer import SampleRandom, autocast, setup_distributed
+from trainer import SampleRandom, autocast, set_threads, setup_distributed
 from vae import PRESETS as VAE_PRESETS, Attention, TrackVAE, VAEConfig
 
 def count_flops(models, fn):
@@ -139,7 +139,7 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny", help="tiny or paper: vae.py's and planner.py's sizes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--batch", type=int, default=1, help="samples per call")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: trainer.set_threads' rule)")
     p.add_argument("--steps", type=int, default=10, help="Euler steps of the full sample (Fig. K: 10)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per row")
     p.add_argument("--max_row_s", type=float, default=60.0, help="dense rows longer than this: timed on fewer points")
@@ -152,8 +152,8 @@ def main(argv=None):
             raise ValueError("--batch, --steps and --threads: expected positive integers, --budget >= 0")
         if args.json:
             check_output(args.json, "--json")
-        args.threads and torch.set_num_threads(args.threads)
         device = setup_distributed(args.device)[2]
+        set_threads(args.threads or 0)
         rows, reference = benchmark(args.preset, device, args.batch, args.budget, args.steps, args.max_row_s,
                                     args.matmul_size, args.rows and args.rows.split(","))
     except ValueError as e:

@@ -15,7 +15,7 @@ from data import (SPLITS, check_output, find_clips, is_static, load_ref, make_sy
                   prepare_image, sample_pokes, select_eval_tracks, write_atomically)
 from libero import VIEWS, LiberoDataset, resample_time
 from planner import PokeGuide, load_pair
-from trainer import autocast
+from trainer import autocast, set_threads
 from vae import load_vae
 
 def to_pixels(u, size):
@@ -328,6 +328,7 @@ def main(argv=None):
         p.add_argument("--clips", type=one, default={"recon": 64, "tracks": 32, "libero": 16}[name], help="windows")
         p.add_argument("--seed", type=int, default=0, help="synthetic clips and track choice")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--threads", type=int, default=0, help="CPU threads (0: trainer.set_threads' rule)")
         p.add_argument("--json", help="write the numbers to this file")
     p = sub.choices["recon"]
     p.add_argument("--batch", type=one, default=8, help="windows per forward pass")
@@ -342,6 +343,9 @@ def main(argv=None):
     p.add_argument("--window", type=one, help="frames per window, the model's subsampled to it (default: the model's)")
     p.add_argument("--batch", type=one, default=4, help="windows per sampling batch (x K samples)")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads}: expected 0 (the rule) or more")
+    set_threads(args.threads) if args.device == "cpu" else None
     try:
         if args.json:
             check_output(args.json, "--json")

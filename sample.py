@@ -15,7 +15,7 @@ from data import (check_output, cli, draw_tracks, load_clip, make_synthetic_clip
                   resize, sample_pokes, save_image, select_eval_tracks, time_colors, unit_to_pixels, write_atomically,
                   write_video)
 from planner import PokeGuide, load_pair
-from trainer import autocast, setup_distributed
+from trainer import autocast, set_threads, setup_distributed
 from vae import grid_centres
 
 def parse_numbers(text, flag, counts, form):
@@ -152,7 +152,8 @@ def draw_dense(frame, prompt, field_px, query_px, scale, n_lines=16):
 # ------------------------ the command: everything is read, checked, sampled and drawn before a file is written
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name, low in dict(k=1, steps=1, display=16, dense_size=2, chunk=1, grid=0, n_pokes=1, poke_guidance=0).items():
+    for name, low in dict(k=1, steps=1, display=16, dense_size=2, chunk=1, grid=0, n_pokes=1, poke_guidance=0,
+                           threads=0).items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected at least {low}")
     if sum(map(bool, (args.image, args.clip, args.from_tracks))) > 1 or (args.from_tracks and args.poke):
@@ -162,6 +163,7 @@ def main(argv=None):
     pokes_px = np.array([parse_poke(p) for p in args.poke], np.float32).reshape(-1, 5)
     query_px = np.reshape([parse_numbers(q, "--query", (2,), "x,y (pixels)") for q in args.query], (-1, 2))
     device = setup_distributed(args.device)[2]
+    set_threads(args.threads) if device.type == "cpu" else None
     vae, planner = load_pair(args.planner, args.vae, device)
     T, S, clip_path = vae.cfg.n_frames, vae.cfg.image_size, args.clip or args.from_tracks
     clip = load_clip(clip_path) if clip_path else None if args.image else \
@@ -251,6 +253,7 @@ def build_parser():
             ("--n-pokes", int, None, "pokes from a clip's tracks (default 2; with --from-tracks the planner's slots)"),
             ("--k", int, 4, "samples"), ("--steps", int, 10, "Euler steps (NFE); 10 is enough per Fig. K"),
             ("--cfg", float, 2.0, "classifier-free guidance (1 = off)"), ("--device", str, "auto", "auto, cpu, cuda:N"),
+            ("--threads", int, 0, "CPU threads (0: trainer.set_threads' rule)"),
             ("--poke-guidance", float, 0.5, "planner.PokeGuide's strength (ours; 0 = the paper's sampler)"),
             ("--seed", int, 0, "noise seed (and the choice of pokes from a clip)"),
             ("--grid", int, None, "an N x N grid of points to decode (default 10 without --query)"),

@@ -6,7 +6,7 @@
 #   PRESET=paper DATA=/data/shards bash train_ddp.sh vae                 # one node, every GPU
 #   PRESET=paper DATA=/data/shards srun --ntasks-per-node=1 bash train_ddp.sh vae   # SLURM: one task per node
 #
-# Settings: PRESET (tiny | paper), DATA (the stage's --data), OUT (out/$PRESET), NPROC_PER_NODE (the GPU count, else 1),
+# Settings: PRESET (tiny | paper), DATA (the stage's --data), OUT (out/$PRESET), NPROC_PER_NODE (GPUs, else cores),
 # NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT (under SLURM: from its variables), PYTHON (.venv/bin/python if there,
 # else python3), DRY_RUN=1 (print the command lines only). The pipeline passes --resume=true: run it again after a
 # kill and it continues (rm -rf out/tiny starts afresh).
@@ -32,9 +32,10 @@ fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
-if [[ -z ${NPROC_PER_NODE:-} ]]; then
+if [[ -z ${NPROC_PER_NODE:-} ]]; then  # one process per GPU; without one, per physical core (trainer.set_threads)
     NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-    [[ $NPROC_PER_NODE -gt 0 ]] || NPROC_PER_NODE=1
+    [[ $NPROC_PER_NODE -gt 0 ]] || NPROC_PER_NODE=$(env -u OMP_NUM_THREADS "$PYTHON" -c \
+        "import torch; print(torch.get_num_threads())" 2>/dev/null || echo 1)
 fi
 
 run() {  # print, then run (or only print with DRY_RUN=1)

@@ -35,12 +35,13 @@ class TrainConfig:
     val_every: int = 5000
     val_clips: int = 32
     ckpt_every: int = 5000
-    num_workers: int = 4
+    num_workers: int = 4               # data workers per process, at most the cores it has less one (set_threads)
+    threads: int = 0                   # intra-op threads per process (0: set_threads' rule)
     device: str = "auto"               # auto, cpu, cuda, cuda:N
     compile: bool = False
     dry_run: bool = False
 
-    ZERO_OK = ("seed", "warmup_steps", "num_workers", "n_dec", "latent_pool", "val_clips", "text_layers",
+    ZERO_OK = ("seed", "warmup_steps", "num_workers", "threads", "n_dec", "latent_pool", "val_clips", "text_layers",
                "image_registers", "proprio_dim")
 
     def check(self):
@@ -109,6 +110,20 @@ def setup_distributed(device="auto"):
         torch.cuda.set_device(device)
     return rank, world, torch.device(device), owned
 
+CORES = torch.get_num_threads()   # PyTorch's default: the physical cores (or OMP_NUM_THREADS)
+
+def set_threads(threads=0, workers=0):
+    """-> (intra-op threads, data workers) of this process, threads applied. The cores of this node are shared among
+    the processes torchrun started on it; a process keeps one core per data worker and runs its operations on the rest
+    (at least one thread); threads > 0 (a --threads flag) or OMP_NUM_THREADS decide instead. One thread per process:
+    two threads of one process wait on each other at every small operation and stall when another program takes a
+    core, while one process per core (train_ddp.sh) keeps its speed."""
+    cores = CORES // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = max(0, min(workers, cores - 1))
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, cores - workers))
+    torch.set_num_threads(threads)
+    return threads, workers
+
 def autocast(device):   # bf16 on CUDA, fp32 on CPU (where bf16 matmul is slow)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
@@ -124,12 +139,16 @@ def global_batch_at(step, cfg):
     frac = min(1.0, step / max(1, cfg.batch_ramp_steps))
     return cfg.batch_start * int((cfg.batch_start + frac * (cfg.batch_end - cfg.batch_start)) // cfg.batch_start)
 
+def micro_batch(cfg, world):   # --micro_batch, at most a share of the first global batch
+    return min(cfg.micro_batch, max(1, cfg.batch_start // world))
+
 def accumulation_steps(step, cfg, world):
     """Micro-steps per optimiser step: global batch / (micro_batch x world), which must divide evenly."""
-    if cfg.batch_start % (cfg.micro_batch * world) or cfg.batch_end % cfg.batch_start:
+    micro = micro_batch(cfg, world)
+    if cfg.batch_start % (micro * world) or cfg.batch_end % cfg.batch_start:
         raise ValueError(f"--batch_start {cfg.batch_start} must be a multiple of --micro_batch x processes = "
-                         f"{cfg.micro_batch} x {world}, and --batch_end {cfg.batch_end} a multiple of batch_start")
-    return global_batch_at(step, cfg) // (cfg.micro_batch * world)
+                         f"{micro} x {world}, and --batch_end {cfg.batch_end} a multiple of batch_start")
+    return global_batch_at(step, cfg) // (micro * world)
 
 class SampleRandom:
     """Random numbers keyed by (seed, global sample index), the same on any rank, micro-batch or resumed run:
@@ -147,11 +166,11 @@ class SampleRandom:
 def step_batches(cfg, rank, world, step=0, sample=0):
     """This rank's micro-batches of global sample indices: micro-step a of rank r takes slice a * world + r."""
     for step in range(step, cfg.max_steps):
-        n_acc = accumulation_steps(step, cfg, world)
+        n_acc, micro = accumulation_steps(step, cfg, world), micro_batch(cfg, world)
         for a in range(n_acc):
-            first = sample + (a * world + rank) * cfg.micro_batch
-            yield list(range(first, first + cfg.micro_batch))
-        sample += n_acc * cfg.micro_batch * world
+            first = sample + (a * world + rank) * micro
+            yield list(range(first, first + micro))
+        sample += n_acc * micro * world
 
 # ------------------------------------------------------------------------------- Checkpoints: atomic, the last two kept
 def save_checkpoint(path, state):   # tensors and plain values only: every loader reads with weights_only=True
@@ -194,6 +213,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         raise ValueError(f"--data {cfg.data}: {e}") from None
     check_output(cfg.out_dir, "--out_dir", folder=True)
     rank, world, device, owned = setup_distributed(cfg.device)
+    previous = torch.get_num_threads()   # (restored at the end: a caller's thread count is its own)
+    threads, workers = set_threads(cfg.threads, cfg.num_workers) if device.type == "cpu" else (0, cfg.num_workers)
     def log(line):   # stdout and out_dir/log.txt, rank 0 only
         if rank == 0:
             tqdm.write(line)
@@ -204,6 +225,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         os.makedirs(cfg.out_dir, exist_ok=True)
         if rank == 0:
             json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=2)
+        log(f"{kind}: {world} process(es) on {device}" + (f", {threads} thread(s) and {workers} data worker(s) each"
+                                                          if threads else ""))
         params = list(model.to(device).parameters())
         opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -226,7 +249,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
             return (nn.parallel.DistributedDataParallel(net, device_ids=ids) if world > 1 else net), frozen
         net, frozen = wrap()
         batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=step_batches(cfg, rank, world, step, sample),
-                                                   num_workers=cfg.num_workers))
+                                                   num_workers=workers))
         torch.manual_seed(cfg.seed * 1000 + rank + step)   # (training draws from batch["rng"], not from here)
         bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc=kind, dynamic_ncols=True)
         sums, since, nonfinite, t_log, t_start = {}, 0, [], time.time(), time.time()
@@ -266,7 +289,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
                 sums = {k: sums.get(k, 0.0) + v for k, v in dict(step_sums, gnorm=gnorm.detach().float()).items()}
                 since += 1
             opt.zero_grad(set_to_none=True)
-            sample, step = sample + n_acc * cfg.micro_batch * world, step + 1
+            sample, step = sample + n_acc * micro_batch(cfg, world) * world, step + 1
             bar.update(1)
             if (step % cfg.log_every == 0 or step == cfg.max_steps) and since:
                 values = torch.stack([sums[k] for k in sorted(sums)]).to(device) / (since * world)
@@ -291,5 +314,6 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         bar.close()
         return model
     finally:
+        torch.set_num_threads(previous)
         if owned and dist.is_initialized():
             dist.destroy_process_group()

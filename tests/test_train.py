@@ -326,10 +326,16 @@ def test_train_ddp_sh_dry_run_under_a_four_node_slurm_allocation(tmp_path):
     assert result.returncode == 1 and "--ntasks-per-node=1" in result.stderr   # one task per node, not per GPU
 
 
+def cores():   # what train_ddp.sh starts on a node without GPUs: one process per physical core (torch's default threads)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def test_train_ddp_sh_stages_on_one_node():
     result, lines = train_ddp("planner", DATA="/data/clips")
     assert result.returncode == 0, result.stderr
-    assert lines[0][3:] == ["--standalone", "--nproc_per_node=1", "planner.py", "--preset=tiny",
+    assert lines[0][3:] == ["--standalone", f"--nproc_per_node={cores()}", "planner.py", "--preset=tiny",
                             "--out_dir=out/tiny/planner", "--vae=out/tiny/vae/ckpt.pt", "--data=/data/clips"]
     # tiny LIBERO: the robot VAE, the planner in it; the paper preset plans LIBERO in its one general VAE
     assert train_ddp("vae-robot")[1][0][5:] == ["vae.py", "--preset=tiny_robot", "--out_dir=out/tiny/vae-robot"]
@@ -352,9 +358,9 @@ def test_train_ddp_sh_without_a_stage_prints_the_pipeline():
     assert result.returncode == 0, result.stderr
     models = ["--vae", "out/tiny/vae/ckpt.pt", "--planner", "out/tiny/planner/ckpt.pt"]
     expected = [
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "vae.py", "--preset=tiny",
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cores()}", "vae.py", "--preset=tiny",
          "--out_dir=out/tiny/vae", "--resume=true"],
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "planner.py", "--preset=tiny",
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cores()}", "planner.py", "--preset=tiny",
          "--out_dir=out/tiny/planner", "--vae=out/tiny/vae/ckpt.pt", "--resume=true"],
         ["sample.py", *models, "--out", "out/tiny/samples"],
         ["sample.py", *models, "--out", "out/tiny/samples/text", "--text", "the red square moves to the right"],

@@ -22,11 +22,12 @@ import trainer  # noqa: E402
 import vae  # noqa: E402
 from data import TrackDataset  # noqa: E402
 
-# every schedule moves: warm-up, the batch ramp 4 -> 8 (accumulation), the WSD tail; track dropout and posterior noise
+# every schedule moves: warm-up, the batch ramp 4 -> 8 (accumulation), the WSD tail; track dropout and posterior noise;
+# one thread in every process (bit-identical runs across processes need the same reductions inside each op)
 RUN = dict(track_dropout=0.2, max_steps=4, lr=3e-3, warmup_steps=2, decay_frac=0.5, batch_start=4, batch_end=8,
-           batch_ramp_steps=2, micro_batch=2, log_every=1, val_every=1000, ckpt_every=2)
+           batch_ramp_steps=2, micro_batch=2, log_every=1, val_every=1000, ckpt_every=2, threads=1)
 PLANNER_RUN = dict(layers=1, max_steps=3, lr=3e-3, warmup_steps=1, batch_start=4, batch_end=4, micro_batch=2,
-                   ema_decay=0.9, log_every=1, val_every=1000, ckpt_every=3)
+                   ema_decay=0.9, log_every=1, val_every=1000, ckpt_every=3, threads=1)
 
 
 def vae_run(out_dir, **overrides):
