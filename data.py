@@ -377,12 +377,14 @@ def prepare_image(frame, image_size):
 
 class TrackDataset(torch.utils.data.Dataset):
     """Windows of n_frames, n_enc + n_dec tracks visible in their first frame, and that frame, from "synthetic", .npz
-    clips or .tar shards; train: a random start, val: the first. An item is a function of (seed, split, index)."""
+    clips or .tar shards; train: a random start, val: the first. An item is a function of (seed, split, index).
+    synth_pool > 0: training items draw their tracks from synth_pool synthetic clips, each made once per process."""
 
     def __init__(self, source="synthetic", split="train", n_frames=64, n_enc=40, n_dec=40, image_size=224,
-                 seed=0, length=None, synth_size=(256, 256), synth_tracks=1024):
+                 seed=0, length=None, synth_size=(256, 256), synth_tracks=1024, synth_pool=0):
         self.source, self.split, self.n_frames, self.n_enc, self.n_dec = source, split, n_frames, n_enc, n_dec
         self.image_size, self.seed, self.synth_size, self.synth_tracks = image_size, seed, synth_size, synth_tracks
+        self.pool, self.made = synth_pool if split == "train" else 0, {}
         self.refs = None if source == "synthetic" else find_clips(os.fspath(source))
         self.length = length or ((100_000 if split == "train" else 64) if self.refs is None else len(self.refs))
 
@@ -394,8 +396,13 @@ class TrackDataset(torch.utils.data.Dataset):
         for attempt in range(8):
             rng = np.random.default_rng((self.seed, index, attempt, tag + 10))
             if self.refs is None:
-                name, clip = "synthetic", make_synthetic_clip((self.seed, index, attempt, tag), self.n_frames,
-                                                              *self.synth_size, self.synth_tracks, "first")
+                key = (self.seed, index % self.pool if self.pool else index, attempt, tag)
+                name, clip = "synthetic", self.made.get(key)
+                if clip is None:   # (with a pool: made once, its frame prepared once)
+                    clip = make_synthetic_clip(key, self.n_frames, *self.synth_size, self.synth_tracks, "first")
+                    clip.update(image=prepare_image(clip["video"][0], self.image_size),
+                                size=clip.pop("video").shape[1:3])
+                    self.made.update({key: clip} if self.pool else {})
             else:
                 epoch, position = divmod(index, len(self.refs))
                 order = np.random.default_rng((self.seed, epoch, 3)).permutation(len(self.refs)) \
@@ -407,7 +414,7 @@ class TrackDataset(torch.utils.data.Dataset):
                 except ValueError as e:
                     warnings.warn(f"skipping a clip: {e}")
                     continue
-            T, (H, W) = len(clip["tracks"]), clip["video"].shape[1:3]   # the window: its start, then its tracks
+            T, (H, W) = len(clip["tracks"]), clip.get("size") or clip["video"].shape[1:3]   # the window, its tracks
             start = int(rng.integers(T - self.n_frames + 1)) if self.split == "train" and T >= self.n_frames else 0
             usable, need = np.flatnonzero(clip["visibility"][start]), self.n_enc + self.n_dec
             if T < self.n_frames or len(usable) == 0:
@@ -418,7 +425,7 @@ class TrackDataset(torch.utils.data.Dataset):
                 warnings.warn(f"{name}: {len(usable)} tracks visible in frame {start}, need {need}; repeating some")
                 chosen = np.concatenate([chosen, rng.choice(usable, need - len(chosen))])
             span = slice(start, start + self.n_frames)
-            frame, image = prepare_image(clip["video"][start], self.image_size)
+            frame, image = clip.get("image") or prepare_image(clip["video"][start], self.image_size)
             tracks, visible = (clip[k][span, chosen].swapaxes(0, 1).copy() for k in ("tracks", "visibility"))
             return dict(image=image, frame=frame, tracks=torch.from_numpy(pixels_to_unit(tracks, W, H)),
                         visible=torch.from_numpy(visible), text=clip["text"] or "", index=index)

@@ -37,6 +37,7 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
     rope_max_freq: float = 31.4        # RoPE (t, y, x) space frequencies (the release: 10 x 3.14 open, 40 pi LIBERO)
     image_t: float = 0.0               # RoPE time of the start frame's tokens (the release: 0 open, -1 LIBERO)
     cross_rope: bool = True            # pokes at their start point in cross-attention (the LIBERO release: no RoPE)
+    fourier_max_freq: float = 31.4     # the poke embedding's random frequencies: 95% below this (the release: 10 x 3.14)
     time_shift: float = 1.0            # ours (tiny LIBERO): training times shifted towards the noise (1 = logit-normal)
     cond: str = "pokes"                # pokes | text | both: what a training sample may be given (the release: pokes)
     max_pokes: int = 16                # poke slots (the release: 16 sparse, 40 dense); absent pokes are zero tokens
@@ -73,10 +74,10 @@ PRESETS = {
     "tiny": dict(
         vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, image_from_vae=True,
-        rope_max_freq=40 * math.pi, cond="both", null_token=True, poke_offsets=True, dim=128, layers=4, head_dim=32,
-        time_dim=64, cond_dim=128, norm_samples=128, max_steps=330, lr=1e-3, warmup_steps=50, decay_frac=0.2,
-        batch_start=32, batch_end=32, batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25, val_every=330,
-        val_clips=16, ckpt_every=100, num_workers=1, out_dir="out/tiny/planner"),
+        rope_max_freq=40 * math.pi, fourier_max_freq=10.0, cond="both", null_token=True, poke_offsets=True, dim=128,
+        layers=4, head_dim=32, time_dim=64, cond_dim=128, norm_samples=128, max_steps=550, lr=1e-3, warmup_steps=50,
+        decay_frac=0.2, batch_start=32, batch_end=32, batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25,
+        val_every=550, val_clips=16, ckpt_every=110, num_workers=1, out_dir="out/tiny/planner"),
 }
 LIBERO = dict(task="libero", rope_max_freq=40 * math.pi, image_t=-1.0, cross_rope=False, null_token=True)   # Sec. A
 PRESETS["libero"] = dict(LIBERO, data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
@@ -217,8 +218,8 @@ class MotionPlanner(nn.Module):
                                                                                                    bias=False)
         self.time_embed = TimeEmbed(cfg.time_dim)
         self.null_token = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02) if cfg.null_token else None
-        self.poke_embed = None if libero else PointEmbed(5 if cfg.poke_offsets else 3, cfg.cond_dim, cfg.rope_max_freq,
-                                                         2, cfg.ffn_mult)
+        self.poke_embed = None if libero else PointEmbed(5 if cfg.poke_offsets else 3, cfg.cond_dim,
+                                                         cfg.fourier_max_freq, 2, cfg.ffn_mult)
         texts = libero or cfg.cond != "pokes"
         self.text_proj = (nn.Identity() if cfg.text_dim == cfg.cond_dim else nn.Linear(cfg.text_dim, cfg.cond_dim)) \
             if texts else None
@@ -465,7 +466,8 @@ def main(argv=None):
         from data import TrackDataset
         common = dict(n_frames=vae.cfg.n_frames, image_size=vae.cfg.image_size, seed=cfg.seed,
                       synth_tracks=vae.cfg.synth_tracks)
-        train_set = TrackDataset(cfg.data, "train", n_enc=vae.cfg.n_enc, n_dec=vae.cfg.n_dec, **common)
+        train_set = TrackDataset(cfg.data, "train", n_enc=vae.cfg.n_enc, n_dec=vae.cfg.n_dec,
+                                 synth_pool=vae.cfg.synth_pool, **common)
         val_set = TrackDataset(cfg.data, "val", n_enc=0, n_dec=min(200, vae.cfg.synth_tracks), length=cfg.val_clips,
                                **common)
         val = evaluation.track_items([val_set[i] for i in range(cfg.val_clips)], 40, cfg.seed, moving=False)

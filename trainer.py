@@ -42,7 +42,7 @@ class TrainConfig:
     dry_run: bool = False
 
     ZERO_OK = ("seed", "warmup_steps", "num_workers", "threads", "n_dec", "latent_pool", "val_clips", "text_layers",
-               "image_registers", "proprio_dim")
+               "image_registers", "proprio_dim", "synth_pool")
 
     def check(self):
         """Values that cannot work, as '--flag value: expected ...' lines (parse_config reports them)."""

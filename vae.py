@@ -37,6 +37,7 @@ class VAEConfig(ImageConfig, TrainConfig):
     n_enc: int = 40                    # tracks the encoder sees (the release: 40) ...
     n_dec: int = 40                    # ... plus held-out tracks only the decoder reconstructs ("MAE")
     synth_tracks: int = 1024           # tracker points per synthetic clip
+    synth_pool: int = 0                # ours (tiny): training windows drawn from this many synthetic clips, made once
     # model (Table F)
     dim: int = 768
     enc_layers: int = 12
@@ -51,8 +52,9 @@ class VAEConfig(ImageConfig, TrainConfig):
     position_content: bool = False     # ours: tokens also carry Fourier(t, y0, x0) as content (the release: RoPE alone)
     encode_offsets: bool = False       # ours: track tokens also embed the displacement (x - x0, y - y0)
     predict_offsets: bool = False      # ours: predict offsets from the start point (Sec. B: absolute is best at scale)
-    rope_max_freq_space: float = 40 * math.pi  # RoPE and Fourier frequencies resolve a pixel on [-1, 1] (the release)
+    rope_max_freq_space: float = 40 * math.pi  # RoPE frequencies resolve a pixel on [-1, 1] (the release)
     rope_max_freq_time: float = 10 * math.pi
+    fourier_max_freq: float = 40 * math.pi     # the point embedding's random frequencies: 95% below this (the release)
     kl_weight: float = 1e-7            # Table F
     recon_loss: str = "l1"             # Sec. B: L1 (best), l2, huber
     track_dropout: float = 0.0         # Table H: drop tracks at random (from encoder and loss)
@@ -65,14 +67,15 @@ class VAEConfig(ImageConfig, TrainConfig):
 LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
 PRESETS = {
     "paper": {},
-    # CPU-scale (ours): 16 frames (the same motion, coarser), an 8x8 grid, a random 2-layer DINOv2 at 112 px, narrow
+    # CPU-scale (ours): 16 frames (the same motion, coarser), an 8x8 grid, a random 2-layer DINOv2 at 112 px, narrow;
+    # its few random Fourier frequencies kept low, 1024 synthetic clips made once
     "tiny": dict(
-        n_frames=16, synth_tracks=256, image_encoder="random", image_size=112, image_dim=64, image_layers=2,
+        n_frames=16, synth_tracks=256, synth_pool=1024, fourier_max_freq=10.0, image_encoder="random", image_size=112, image_dim=64, image_layers=2,
         image_heads=2, image_pos_size=112, freeze_image_encoder=False, dim=64, enc_layers=2, dec_layers=2,
         head_dim=32, latent_channels=8, grid_size=8, n_enc=24, n_dec=24, decoder_attention="independent",
-        position_content=True, predict_offsets=True, encode_offsets=True, max_steps=450, lr=2e-3, warmup_steps=100,
-        decay_frac=0.2, batch_start=16, batch_end=16, batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=150,
-        val_clips=16, ckpt_every=150, num_workers=1, out_dir="out/tiny/vae"),
+        position_content=True, predict_offsets=True, encode_offsets=True, max_steps=650, lr=2e-3, warmup_steps=100,
+        decay_frac=0.2, batch_start=16, batch_end=16, batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=325,
+        val_clips=16, ckpt_every=325, num_workers=1, out_dir="out/tiny/vae"),
 }
 # CPU-scale (ours): the tiny VAE on the robot demos' tracks, for the tiny LIBERO planner (at scale: the one VAE)
 PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, val_every=500, ckpt_every=250,
@@ -266,8 +269,8 @@ class TrackVAE(nn.Module):
         self.cfg, d, C = cfg, cfg.dim, cfg.latent_channels
         rope = ((1, cfg.rope_max_freq_time), (1, cfg.rope_max_freq_space), (1, cfg.rope_max_freq_space))
         self.image_encoder = ImageEncoder(cfg, pretrained)
-        self.point_embed = PointEmbed(4 if cfg.encode_offsets else 2, d, cfg.rope_max_freq_space, 2, cfg.ffn_mult)
-        self.position_embed = PointEmbed(3, d, cfg.rope_max_freq_space, 0) if cfg.position_content else None
+        self.point_embed = PointEmbed(4 if cfg.encode_offsets else 2, d, cfg.fourier_max_freq, 2, cfg.ffn_mult)
+        self.position_embed = PointEmbed(3, d, cfg.fourier_max_freq, 0) if cfg.position_content else None
         self.latent_queries = nn.Parameter(torch.randn(1 if cfg.latent_layout == "grid" else self.n_latents, d))
         self.register = nn.Parameter(torch.randn(1, d))
         self.encoder = nn.ModuleList(Block(d, cfg.head_dim, cfg.image_dim, cfg.ffn_mult, rope=rope)
@@ -461,7 +464,7 @@ def main(argv=None):
             ("latent_proj", "query_token", "decoder", "to_xy"), "decoder")), "encoder")
     from data import make_track_dataset   # synthetic, .npz clips, .tar shards, or LIBERO .hdf5 demos
     common = dict(n_frames=cfg.n_frames, n_enc=cfg.n_enc, n_dec=cfg.n_dec, image_size=cfg.image_size, seed=cfg.seed,
-                  synth_tracks=cfg.synth_tracks)
+                  synth_tracks=cfg.synth_tracks, synth_pool=cfg.synth_pool)
     train_set = make_track_dataset(cfg.data, "train", **common)
     val_set = make_track_dataset(cfg.data, "val", length=cfg.val_clips, **common)
     val_items = [val_set[i] for i in range(min(cfg.val_clips, len(val_set)))]

@@ -326,6 +326,23 @@ def test_train_ddp_sh_dry_run_under_a_four_node_slurm_allocation(tmp_path):
     assert result.returncode == 1 and "--ntasks-per-node=1" in result.stderr   # one task per node, not per GPU
 
 
+def test_set_threads_shares_the_cores_among_processes_and_keeps_one_per_data_worker(monkeypatch):
+    previous = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(trainer, "CORES", 2)
+    try:
+        assert trainer.set_threads(0, 1) == (1, 1) == (torch.get_num_threads(), 1)   # python3 vae.py on 2 cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert trainer.set_threads(0, 1) == (1, 0)            # train_ddp.sh: one process per core, data inline
+        monkeypatch.setattr(trainer, "CORES", 16)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert trainer.set_threads(0, 4) == (12, 4) and trainer.set_threads(0, 0) == (16, 0)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert trainer.set_threads(0, 4) == (3, 4) and trainer.set_threads(5, 0) == (5, 0) == (torch.get_num_threads(), 0)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def cores():   # what train_ddp.sh starts on a node without GPUs: one process per physical core (torch's default threads)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     return subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
