@@ -290,7 +290,7 @@ class MotionPlanner(nn.Module):
         if libero:
             emb = task_emb[:, None] if task_emb.dim() == 2 else task_emb
             tokens.append(self.text_tokens(emb.to(image.dtype), ones(emb.shape[1])))
-            valid.append(ones(emb.shape[1]) if task_mask is None else task_mask.bool().reshape(B, 1).expand(B, emb.shape[1]))
+            valid.append(ones(emb.shape[1]) if task_mask is None else task_mask.bool()[:, None].expand(B, emb.shape[1]))
         task = torch.cat(valid, 1).any(1, keepdim=True) if valid else ~ones(1)
         if self.null_token is not None:
             tokens, valid = [self.null_token.expand(B, -1, -1)] + tokens, [~task] + valid
@@ -362,8 +362,8 @@ def load_pair(planner_path, vae_path=None, device="cpu"):
     planner = load_planner(planner_path, device)
     vae_path = vae_path or planner.cfg.vae
     vae = load_vae(vae_path, device, make=f"python3 vae.py --out_dir {os.path.dirname(vae_path) or '.'}")
-    check_pair(vae, planner.cfg.vae_fingerprint, f"VAE --planner {planner_path} was trained on (default: {planner.cfg.vae})",
-               vae_path)
+    check_pair(vae, planner.cfg.vae_fingerprint, f"VAE --planner {planner_path} was trained on (default: "
+               f"{planner.cfg.vae})", vae_path)
     return vae, planner
 
 # --------------------------------------------------- Training: latents from the frozen VAE, conditions drawn per sample

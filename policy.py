@@ -58,8 +58,8 @@ PRESETS = {
     # CPU-scale (ours): a 2-layer head over the tiny LIBERO planner's 2 x 8x8 latents, 8192 windows' plans cached
     "tiny": dict(planner="out/tiny/planner-libero/ckpt.pt", data="data/robot", latent_tokens=128, latent_channels=8,
                  grid_size=8, proprio_dim=0, dim=128, layers=2, head_dim=32, latent_pool=8192, max_steps=3000, lr=1e-3,
-                 warmup_steps=100, decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100, val_every=3000,
-                 ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy",
+                 warmup_steps=100, decay_frac=0.2, batch_start=32, batch_end=32, micro_batch=32, log_every=100,
+                 val_every=3000, ckpt_every=500, num_workers=1, eval_stride=8, out_dir="out/tiny/policy",
                  eval_json="out/tiny/eval/policy.json"),
 }
 

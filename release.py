@@ -1,8 +1,8 @@
-"""The authors' released ZipMo (code: CompVis/long-term-motion; weights: the Hugging Face Hub repository CompVis/ZipMo) in
-our stages: one key map from their state dicts onto the paper presets, which compute the same functions.
+"""The authors' released ZipMo (code: CompVis/long-term-motion; weights: the Hugging Face Hub repository
+CompVis/ZipMo) in our stages: one key map from their state dicts onto the paper presets, which compute the same functions.
 
-    load_vae("release:zipmo_vae"); load_planner("release:zipmo_planner_sparse"); load_policy("release:zipmo_policy_head_atm")
-    python3 sample.py --planner release:zipmo_planner_sparse --image photo.jpg --poke 120,200,180,150   # or a .safetensors
+    load_vae("release:zipmo_vae"); load_pair("release:zipmo_planner_sparse"); load_policy("release:zipmo_policy_head_atm")
+    python3 sample.py --planner release:zipmo_planner_sparse --image photo.jpg --poke 120,200,180,150  # or a .safetensors
 A planner or policy-head file holds its own copies of the VAE and DINOv2: the planner's VAE is "release:<planner>"."""
 import os, re
 
@@ -17,33 +17,46 @@ SHIFT, VARIANCE = -0.175, 11.6   # the planners' latent normalisation (z + 0.175
 DROP = None
 SUBS = [   # their key -> ours, regular-expression substitutions applied in order (as sed -e ... -e ...)
     # DINOv2: their minimal ViT -> transformers' Dinov2WithRegistersModel
-    (r"^img_embedder\.model\.", "image_encoder.net."), (r"net\.(cls_token|register_tokens|mask_token)$", r"net.embeddings.\1"),
+    (r"^img_embedder\.model\.", "image_encoder.net."),
+    (r"net\.(cls_token|register_tokens|mask_token)$", r"net.embeddings.\1"),
     (r"net\.pos_embed$", "net.embeddings.position_embeddings"),
     (r"net\.patch_embed\.proj\.", "net.embeddings.patch_embeddings.projection."),
     (r"net\.blocks\.(\d+)\.ls(\d)\.gamma", r"net.blocks.\1.layer_scale\2.lambda1"),
-    (r"net\.blocks\.(\d+)\.attn\.proj\.", r"net.blocks.\1.attention.o_proj."), (r"net\.blocks\.(\d+)\.attn\.qkv\.", r"net.blocks.\1.attention.qkv_"),
+    (r"net\.blocks\.(\d+)\.attn\.proj\.", r"net.blocks.\1.attention.o_proj."),
+    (r"net\.blocks\.(\d+)\.attn\.qkv\.", r"net.blocks.\1.attention.qkv_"),
     (r"net\.blocks\.", "net.encoder.layer."), (r"net\.norm\.", "net.layernorm."),
     # the VAE
-    (r"^(en|de)coder\.backbone\.", r"\1coder."), (r"^encoder\.trajs_in\.", "point_embed."), (r"^encoder\.query_token", "latent_queries"),
+    (r"^(en|de)coder\.backbone\.", r"\1coder."), (r"^encoder\.trajs_in\.", "point_embed."),
+    (r"^encoder\.query_token", "latent_queries"),
     (r"^encoder\.reg_token", "register"), (r"^encoder\.to_(mean|logvar)\.", r"to_moments.\1_"),
-    (r"^decoder\.latents_in\.", "latent_proj."), (r"^decoder\.decode_token", "query_token"), (r"^decoder\.trajs_out\.", "to_xy."),
+    (r"^decoder\.latents_in\.", "latent_proj."), (r"^decoder\.decode_token", "query_token"),
+    (r"^decoder\.trajs_out\.", "to_xy."),
     # the planners
     (r"^backbone\.", "blocks."), (r"^track_cond_emb\.", "poke_embed."), (r"^start_t_mapping\.", "timestep_embed."),
-    (r"^text_encoder\.", "text_layers."), (r"^time_emb\.weight", "time_embed.freq"), (r"^time_in_proj\.", "time_embed.in_proj."),
+    (r"^text_encoder\.", "text_layers."), (r"^time_emb\.weight", "time_embed.freq"),
+    (r"^time_in_proj\.", "time_embed.in_proj."),
     (r"^mapping\.", "time_embed."), (r"^in_proj\.proj\.", "latent_in."), (r"^in_proj\.cond_proj\.", "image_proj."),
-    (r"^out_proj\.proj\.", "latent_out."), (r"^learnable_emb_dino", "image_embed"), (r"^learnable_emb_grid_tokens", "view_embed"),
+    (r"^out_proj\.proj\.", "latent_out."), (r"^learnable_emb_dino", "image_embed"),
+    (r"^learnable_emb_grid_tokens", "view_embed"),
     (r"^ca_mask_token", "null_token"),
     # the policy head
-    (r"^policy_net\.", "blocks."), (r"^policy_in_proj\.proj\.", "query_proj."), (r"^policy_out_proj\.proj\.", "action_out."),
-    (r"^track_embedder\.", "latent_in."), (r"^proprio_embedder\.", "proprio_in."), (r"^learned_action_queries", "queries"),
+    (r"^policy_net\.", "blocks."), (r"^policy_in_proj\.proj\.", "query_proj."),
+    (r"^policy_out_proj\.proj\.", "action_out."),
+    (r"^track_embedder\.", "latent_in."), (r"^proprio_embedder\.", "proprio_in."),
+    (r"^learned_action_queries", "queries"),
     (r"^learnable_modality_emb", "modality_embed"),
     # inside the layers and MLPs: norms, projections, the per-module RoPE tables
-    (r"\.mlp\.(\d+)\.", r".blocks.\1."), (r"blocks\.(\d+)\.norm\.", r"blocks.\1.0."), (r"blocks\.(\d+)\.up_proj\.", r"blocks.\1.1.w12."),
-    (r"blocks\.(\d+)\.down_proj\.", r"blocks.\1.1.w3."), (r"self_attn\.norm\.", "norm1."), (r"cross_attn\.norm\.", "norm2."),
+    (r"\.mlp\.(\d+)\.", r".blocks.\1."), (r"blocks\.(\d+)\.norm\.", r"blocks.\1.0."),
+    (r"blocks\.(\d+)\.up_proj\.", r"blocks.\1.1.w12."),
+    (r"blocks\.(\d+)\.down_proj\.", r"blocks.\1.1.w3."), (r"self_attn\.norm\.", "norm1."),
+    (r"cross_attn\.norm\.", "norm2."),
     (r"ff\.norm\.", "norm3."), (r"(norm\d)\.linear\.", r"\1.cond."), (r"norm_cross\.", "ctx_norm."),
-    (r"(norm\d?|ctx_norm|\.0)\.scale$", r"\1.weight"), (r"\.(q|kv|out)_proj\.", r".\1."), (r"ff\.up_proj\.", "ffn.w12."),
+    (r"(norm\d?|ctx_norm|\.0)\.scale$", r"\1.weight"), (r"\.(q|kv|out)_proj\.", r".\1."),
+    (r"ff\.up_proj\.", "ffn.w12."),
     (r"ff\.down_proj\.", "ffn.w3."), (r"pos_emb\.", "rope."), (r"qkv_proj\.", "qkv."),
-    (r"^text_layers\.(\d+)\.self_attn\.", r"text_layers.\1.attn."), (r"^text_layers\.(\d+)\.norm3\.", r"text_layers.\1.norm2."),
+    (r"^text_layers\.(\d+)\.self_attn\.", r"text_layers.\1.attn."),
+    (r"^text_layers\.(\d+)\.norm3\.", r"text_layers.\1.norm2."),
+
 ]
 DROPPED = r"(encoder\.(reg_pos|query_pos|pos_cross)|decoder\.pos_cross)"   # their position buffers: ours computes them
 
@@ -73,7 +86,8 @@ def read(source):
         raise ValueError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
 
 def part(state, prefix, exclude=None):
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not (exclude and k.startswith(exclude))}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not (exclude and
+                                                                                         k.startswith(exclude))}
 
 def convert(state, model, source, what):
     """Their state dict -> `model`'s (loaded): renamed by SUBS, DINOv2's q|k|v split, t and (y, x) RoPE tables stacked,
@@ -93,7 +107,7 @@ def convert(state, model, source, what):
         out[key[:-7] + "freqs"] = torch.cat([out.pop(key)[None], out.pop(key[:-7] + "yx_freqs")])
     for name in ("weight", "bias"):
         if f"to_moments.mean_{name}" in out:
-            out[f"to_moments.{name}"] = torch.cat([out.pop(f"to_moments.mean_{name}"), out.pop(f"to_moments.logvar_{name}")])
+            out[f"to_moments.{name}"] = torch.cat([out.pop(f"to_moments.{part}_{name}") for part in ("mean", "logvar")])
     if "to_xy.5.weight" in out:   # their decoder writes (y, x)
         out["to_xy.5.weight"], out["to_xy.5.bias"] = out["to_xy.5.weight"].flip(0), out["to_xy.5.bias"].flip(0)
     if "attention.q_proj.weight" not in " ".join(target):   # transformers 4.x names DINOv2's attention otherwise
@@ -102,7 +116,8 @@ def convert(state, model, source, what):
         out = {re.sub("|".join(map(re.escape, names)), lambda m: names[m.group()], k): v for k, v in out.items()}
     if getattr(model, "poke_embed", 1) is None:   # their LIBERO planners carry an unused poke embedding
         out = {k: v for k, v in out.items() if not k.startswith("poke_embed.")}
-    out = {k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v for k, v in out.items()}
+    out = {k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v
+           for k, v in out.items()}
     missing, unexpected = sorted(set(target) - set(out)), sorted(set(out) - set(target))
     bad = [k for k in set(out) & set(target) if out[k].shape != target[k].shape]
     if missing or unexpected or bad:

@@ -44,8 +44,7 @@ class TrainConfig:
     ZERO_OK = ("seed", "warmup_steps", "num_workers", "threads", "n_dec", "latent_pool", "val_clips", "text_layers",
                "image_registers", "proprio_dim", "synth_pool")
 
-    def check(self):
-        """Values that cannot work, as '--flag value: expected ...' lines (parse_config reports them)."""
+    def check(self):   # values that cannot work, as '--flag value: expected ...' lines (parse_config reports them)
         out = [] if re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) else [
             f"--device {self.device}: expected auto, cpu, cuda or cuda:N"]
         for f in dataclasses.fields(self):
@@ -63,10 +62,10 @@ def one_of(cfg, field, choices):   # a check() line when field `field` is none o
     value = getattr(cfg, field)
     return [] if value in choices else [f"--{field} {value}: expected one of {', '.join(choices)}"]
 
-def parse_bool(text):
-    if str(text).lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+def parse_bool(text, true=("1", "true", "yes", "on")):
+    if str(text).lower() not in true + ("0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    return str(text).lower() in ("1", "true", "yes", "on")
+    return str(text).lower() in true
 
 def parse_config(cls, presets, argv=None):
     """--preset NAME picks the defaults, then every field is a type-checked flag (--key=value, --key value)."""
@@ -89,15 +88,7 @@ def parse_config(cls, presets, argv=None):
         parser.error("; ".join(cfg.check()))
     return cfg
 
-def config_from_dict(cls, values, source):
-    """A config saved in a checkpoint; a key this code does not know means another stage or version."""
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"{source}: config has fields {unknown} that {cls.__name__} does not know")
-    return cls(**values)
-
-def setup_distributed(device="auto"):
-    """(rank, world, device, owned = this call started the process group) from torchrun's environment; NCCL / gloo."""
+def setup_distributed(device="auto"):   # -> rank, world, device, owned (this call started the process group)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
@@ -113,11 +104,8 @@ def setup_distributed(device="auto"):
 CORES = torch.get_num_threads()   # PyTorch's default: the physical cores (or OMP_NUM_THREADS)
 
 def set_threads(threads=0, workers=0):
-    """-> (intra-op threads, data workers) of this process, threads applied. The cores of this node are shared among
-    the processes torchrun started on it; a process keeps one core per data worker and runs its operations on the rest
-    (at least one thread); threads > 0 (a --threads flag) or OMP_NUM_THREADS decide instead. One thread per process:
-    two threads of one process wait on each other at every small operation and stall when another program takes a
-    core, while one process per core (train_ddp.sh) keeps its speed."""
+    """-> (threads, data workers), applied: this process's share of the cores, one per worker, the rest threads (at
+    least one); or --threads / OMP_NUM_THREADS (README "Training at any scale")."""
     cores = CORES // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     workers = max(0, min(workers, cores - 1))
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, cores - workers))
@@ -155,13 +143,11 @@ class SampleRandom:
     rand / randn(*shape) -> [B, *shape], row b from sample b's own generator (numpy's PCG64 seeded by the pair)."""
     def __init__(self, index, seed=0, device="cpu"):
         self.device, self.generators = device, [np.random.default_rng((seed, int(i))) for i in index]
+        self.rand, self.randn = (lambda *shape, d=d: self.draw(d, shape) for d in ("random", "standard_normal"))
 
-    def rand(self, *shape):
-        return torch.from_numpy(np.stack([g.random(shape, dtype=np.float32) for g in self.generators])).to(self.device)
-
-    def randn(self, *shape):
-        draws = [g.standard_normal(shape, dtype=np.float32) for g in self.generators]
-        return torch.from_numpy(np.stack(draws)).to(self.device)
+    def draw(self, kind, shape):
+        return torch.from_numpy(np.stack([getattr(g, kind)(shape, dtype=np.float32) for g in self.generators])).to(
+            self.device)
 
 def step_batches(cfg, rank, world, step=0, sample=0):
     """This rank's micro-batches of global sample indices: micro-step a of rank r takes slice a * world + r."""
@@ -194,12 +180,11 @@ def load_checkpoint(path, kind, device="cpu", make=None):
 
 def latest_checkpoint(out_dir, kind, device="cpu"):
     """The newest good checkpoint, ckpt.pt else ckpt.pt.prev; None if neither loads."""
-    for path in (os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt.pt.prev")):
-        if os.path.exists(path):
-            try:
-                return load_checkpoint(path, kind, device)
-            except ValueError as e:
-                print(f"warning: skipping {e}")
+    for path in filter(os.path.exists, (os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt.pt.prev"))):
+        try:
+            return load_checkpoint(path, kind, device)
+        except ValueError as e:
+            print(f"warning: skipping {e}")
 
 # ------------------------------------------------------------------------------------ The training loop (nanoGPT-style)
 def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=None, max_nonfinite=10):
@@ -225,8 +210,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         os.makedirs(cfg.out_dir, exist_ok=True)
         if rank == 0:
             json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=2)
-        log(f"{kind}: {world} process(es) on {device}" + (f", {threads} thread(s) and {workers} data worker(s) each"
-                                                          if threads else ""))
+        log(f"{kind}: {world} process(es) on {device}, {threads or 'all'} thread(s), {workers} data worker(s) each")
         params = list(model.to(device).parameters())
         opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -234,12 +218,10 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         ckpt = latest_checkpoint(cfg.out_dir, kind, device) if cfg.resume else None
         step, sample = (ckpt["step"], ckpt["sample"]) if ckpt else (0, 0)
         if ckpt:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
             log(f"resumed from {cfg.out_dir} at step {step}")
-        if ema:
-            ema.model.to(device)
-            ema.load_state_dict(ckpt["ema"]) if ckpt else None
+        ema.model.to(device) if ema else None
+        ema.load_state_dict(ckpt["ema"]) if ema and ckpt else None
         def wrap():    # (DDP fixes which parameters train when it is built: rebuilt when the freeze ends)
             frozen = freeze is not None and not 0 <= freeze[1] <= step
             if freeze:
@@ -278,8 +260,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
             gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             nonfinite = [] if finite.item() == 1 else nonfinite + [step]
             if nonfinite:
-                log(f"warning: step {step}: non-finite loss or gradient on some rank, skipped on every rank "
-                    f"({len(nonfinite)} in a row)")
+                log(f"warning: step {step}: non-finite loss or gradient on some rank, skipped on all ({len(nonfinite)})")
                 if len(nonfinite) >= max_nonfinite:
                     raise RuntimeError(f"{kind}: non-finite at {len(nonfinite)} steps in a row (steps {nonfinite[0]}.."
                                        f"{nonfinite[-1]}); stopping at step {step}; lower --lr or check the data")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import cli
-from trainer import SampleRandom, TrainConfig, config_from_dict, divides, one_of, load_checkpoint, parse_config, train
+from trainer import SampleRandom, TrainConfig, divides, one_of, load_checkpoint, parse_config, train
 
 @dataclass
 class ImageConfig:
@@ -70,7 +70,8 @@ PRESETS = {
     # CPU-scale (ours): 16 frames (the same motion, coarser), an 8x8 grid, a random 2-layer DINOv2 at 112 px, narrow;
     # its few random Fourier frequencies kept low, 1024 synthetic clips made once
     "tiny": dict(
-        n_frames=16, synth_tracks=256, synth_pool=1024, fourier_max_freq=10.0, image_encoder="random", image_size=112, image_dim=64, image_layers=2,
+        n_frames=16, synth_tracks=256, synth_pool=1024, fourier_max_freq=10.0, image_encoder="random", image_size=112,
+        image_dim=64, image_layers=2,
         image_heads=2, image_pos_size=112, freeze_image_encoder=False, dim=64, enc_layers=2, dec_layers=2,
         head_dim=32, latent_channels=8, grid_size=8, n_enc=24, n_dec=24, decoder_attention="independent",
         position_content=True, predict_offsets=True, encode_offsets=True, max_steps=650, lr=2e-3, warmup_steps=100,
@@ -312,7 +313,7 @@ class TrackVAE(nn.Module):
         coords = torch.cat([yx, yx - yx[:, :, :1]], dim=-1) if self.cfg.encode_offsets else yx
         tokens = self.tokens_at(self.point_embed(coords).reshape(B, N * T, -1), pos)
         lead = torch.cat([self.latent_queries.expand(self.n_latents, -1), self.register]).expand(B, -1, -1)
-        x, pos = torch.cat([lead, tokens], dim=1), torch.cat([F.pad(self.latent_pos, (0, 0, 0, 1)).expand(B, -1, -1), pos], 1)
+        x, pos = torch.cat([lead, tokens], 1), torch.cat([F.pad(self.latent_pos, (0, 0, 0, 1)).expand(B, -1, -1), pos], 1)
         mask = None if token_mask is None else torch.cat(
             [token_mask.new_ones(B, lead.shape[1]), token_mask.reshape(B, N * T)], 1)[:, None, None]
         ctx_pos = self.image_encoder.pos.expand(B, -1, -1)
@@ -364,7 +365,8 @@ class TrackVAE(nn.Module):
             torch.arange(Q, device=z.device).split(chunk)
         kvs, out = None if joint else self.decoder_context(z, ctx), query_xy.new_empty(B, Q, T, 2)
         for idx in tqdm(parts, disable=not progress, desc="decode", leave=False):
-            x = self.decode_joint(z, ctx, query_xy[:, idx], T) if joint else self.decode_queries(kvs, ctx, query_xy[:, idx], T)
+            x = self.decode_joint(z, ctx, query_xy[:, idx], T) if joint else \
+                self.decode_queries(kvs, ctx, query_xy[:, idx], T)
             out[:, idx] = self.to_xy(x).reshape(B, len(idx), T, 2).to(out.dtype)
         return out + query_xy.unsqueeze(2) if self.cfg.predict_offsets else out
 
@@ -400,7 +402,10 @@ class TrackVAE(nn.Module):
 def load_model(path, kind, config_cls, build, device="cpu", make=None):
     """build(config) from a checkpoint, then its weights (the EMA's where there are), eval mode, with .fingerprint."""
     ckpt = load_checkpoint(path, kind, device, make)
-    model = build(config_from_dict(config_cls, ckpt["config"], path))
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(config_cls)})   # another stage or version
+    if unknown:
+        raise ValueError(f"{path}: config has fields {unknown} that {config_cls.__name__} does not know")
+    model = build(config_cls(**ckpt["config"]))
     try:
         model.load_state_dict(ckpt["ema"]["model"] if "ema" in ckpt else ckpt["model"])
     except RuntimeError as e:
