@@ -14,7 +14,6 @@ FILES = {"zipmo_vae": "zipmo_vae.safetensors", **{f"zipmo_planner_{k}": f"zipmo_
     **{f"zipmo_policy_head_tramoe_{s}": f"policy_heads/tramoe_libero_{s}.safetensors" for s in ("10", "goal", "object",
                                                                                             "spatial")}}
 SHIFT, VARIANCE = -0.175, 11.6   # the planners' latent normalisation (z + 0.175) sqrt(0.5 / 11.6): not in their files
-DROP = None
 SUBS = [   # their key -> ours, regular-expression substitutions applied in order (as sed -e ... -e ...)
     # DINOv2: their minimal ViT -> transformers' Dinov2WithRegistersModel
     (r"^img_embedder\.model\.", "image_encoder.net."),
