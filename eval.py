@@ -287,9 +287,9 @@ def cmd_libero(args):
     vae, planner = load_pair(args.planner, args.vae, args.device)
     if planner.cfg.task != "libero":
         raise ValueError(f"--planner {args.planner}: an open-domain planner; this protocol needs a LIBERO one")
+    scores = libero_report(planner, vae, args.data, args.tracks, args.clips, args.k, args.steps[0], args.seed)
     return dict(command="libero", planner=args.planner, vae=args.vae or planner.cfg.vae, data=args.data, k=args.k,
-                scores=libero_report(
-        planner, vae, args.data, args.tracks, args.clips, args.k, args.steps[0], args.seed))
+                scores=scores)
 
 # --------------------------------------------------------------------------------------------------------- Command line
 def table(header, rows):

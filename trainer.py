@@ -2,7 +2,6 @@
 schedules, per-sample random numbers, atomic checkpoints (the last two kept) and train(), whose guarantees
 tests/test_train.py checks: 2 processes = 1, bit-identical resume (CPU), a non-finite step skipped on every rank."""
 import argparse, dataclasses, json, math, os, re, sys, time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,7 +10,7 @@ import torch.nn as nn
 
 from data import check_output, write_atomically
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     """The run and optimiser fields of every stage; the defaults are the VAE's (Table F)."""
     preset: str = "paper"
@@ -58,14 +57,13 @@ def divides(cfg, part, whole):   # a check() line when field `part` does not div
     a, b = getattr(cfg, part), getattr(cfg, whole)
     return [] if a > 0 and b % a == 0 else [f"--{whole} {b}: expected a multiple of --{part} {a}"]
 
-def one_of(cfg, field, choices):   # a check() line when field `field` is none of the choices
-    value = getattr(cfg, field)
-    return [] if value in choices else [f"--{field} {value}: expected one of {', '.join(choices)}"]
+def one_of(cfg, field, choices):   # a check() line when the field's value is none of the choices
+    return [] if (v := getattr(cfg, field)) in choices else [f"--{field} {v}: expected one of {', '.join(choices)}"]
 
-def parse_bool(text, true=("1", "true", "yes", "on")):
-    if str(text).lower() not in true + ("0", "false", "no", "off"):
+def parse_bool(text):
+    if str(text).lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    return str(text).lower() in true
+    return str(text).lower() in ("1", "true", "yes", "on")
 
 def parse_config(cls, presets, argv=None):
     """--preset NAME picks the defaults, then every field is a type-checked flag (--key=value, --key value)."""
@@ -143,11 +141,13 @@ class SampleRandom:
     rand / randn(*shape) -> [B, *shape], row b from sample b's own generator (numpy's PCG64 seeded by the pair)."""
     def __init__(self, index, seed=0, device="cpu"):
         self.device, self.generators = device, [np.random.default_rng((seed, int(i))) for i in index]
-        self.rand, self.randn = (lambda *shape, d=d: self.draw(d, shape) for d in ("random", "standard_normal"))
 
-    def draw(self, kind, shape):
-        return torch.from_numpy(np.stack([getattr(g, kind)(shape, dtype=np.float32) for g in self.generators])).to(
-            self.device)
+    def rand(self, *shape):
+        return torch.from_numpy(np.stack([g.random(shape, dtype=np.float32) for g in self.generators])).to(self.device)
+
+    def randn(self, *shape):
+        draws = [g.standard_normal(shape, dtype=np.float32) for g in self.generators]
+        return torch.from_numpy(np.stack(draws)).to(self.device)
 
 def step_batches(cfg, rank, world, step=0, sample=0):
     """This rank's micro-batches of global sample indices: micro-step a of rank r takes slice a * world + r."""
@@ -178,8 +178,7 @@ def load_checkpoint(path, kind, device="cpu", make=None):
         raise ValueError(f"{path}: a {kind!r} checkpoint without its weights or config")
     return ckpt
 
-def latest_checkpoint(out_dir, kind, device="cpu"):
-    """The newest good checkpoint, ckpt.pt else ckpt.pt.prev; None if neither loads."""
+def latest_checkpoint(out_dir, kind, device="cpu"):   # the newest good one, ckpt.pt else ckpt.pt.prev; None if neither
     for path in filter(os.path.exists, (os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt.pt.prev"))):
         try:
             return load_checkpoint(path, kind, device)
@@ -218,14 +217,15 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         ckpt = latest_checkpoint(cfg.out_dir, kind, device) if cfg.resume else None
         step, sample = (ckpt["step"], ckpt["sample"]) if ckpt else (0, 0)
         if ckpt:
-            model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
             log(f"resumed from {cfg.out_dir} at step {step}")
-        ema.model.to(device) if ema else None
-        ema.load_state_dict(ckpt["ema"]) if ema and ckpt else None
+        if ema:
+            ema.model.to(device)
+            ema.load_state_dict(ckpt["ema"]) if ckpt else None
         def wrap():    # (DDP fixes which parameters train when it is built: rebuilt when the freeze ends)
             frozen = freeze is not None and not 0 <= freeze[1] <= step
-            if freeze:
-                freeze[0].requires_grad_(not frozen)
+            freeze[0].requires_grad_(not frozen) if freeze else None
             net = torch.compile(model) if cfg.compile else model
             ids = [device.index] if device.type == "cuda" else None
             return (nn.parallel.DistributedDataParallel(net, device_ids=ids) if world > 1 else net), frozen

@@ -348,6 +348,11 @@ def test_load_vae_names_what_is_wrong_with_a_file(tmp_path, micro_vae):
     trainer.save_checkpoint(bare, {"kind": "vae", "config": dataclasses.asdict(micro_vae.cfg), "step": 3})
     with pytest.raises(ValueError, match="a 'vae' checkpoint without its weights"):
         vae.load_vae(bare)
+    other = str(tmp_path / "other.pt")   # a field this config does not know: another stage's or version's checkpoint
+    trainer.save_checkpoint(other, {"kind": "vae", "config": dict(dataclasses.asdict(micro_vae.cfg), max_pokes=4),
+                                    "model": micro_vae.state_dict(), "step": 3})
+    with pytest.raises(ValueError, match=r"other.pt: config has fields \['max_pokes'\] that VAEConfig does not know"):
+        vae.load_vae(other)
     other = TrackVAE(micro_vae_config(dim=64), pretrained=False)
     trainer.save_checkpoint(bare, {"kind": "vae", "model": micro_vae.state_dict(), "config": dataclasses.asdict(other.cfg)})
     with pytest.raises(ValueError, match="weights do not fit the config"):
