@@ -210,9 +210,10 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         if rank == 0:
             json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=2)
         log(f"{kind}: {world} process(es) on {device}, {threads or 'all'} thread(s), {workers} data worker(s) each")
-        params = list(model.to(device).parameters())
-        opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        params = list(model.to(device).parameters())   # weight decay on the matrices alone (not embeddings, RoPE tables)
+        decay = {id(p) for n, p in model.named_parameters() if n.endswith(".weight") and p.dim() == 2}
+        opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in decay], "weight_decay": cfg.weight_decay},
+                                 {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}],
                                 lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         ckpt = latest_checkpoint(cfg.out_dir, kind, device) if cfg.resume else None
         step, sample = (ckpt["step"], ckpt["sample"]) if ckpt else (0, 0)
@@ -220,9 +221,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             log(f"resumed from {cfg.out_dir} at step {step}")
-        if ema:
-            ema.model.to(device)
-            ema.load_state_dict(ckpt["ema"]) if ckpt else None
+        ema.model.to(device) if ema else None
+        ema.load_state_dict(ckpt["ema"]) if ema and ckpt else None
         def wrap():    # (DDP fixes which parameters train when it is built: rebuilt when the freeze ends)
             frozen = freeze is not None and not 0 <= freeze[1] <= step
             freeze[0].requires_grad_(not frozen) if freeze else None

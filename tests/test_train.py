@@ -234,6 +234,19 @@ def test_a_frozen_module_trains_from_its_unfreeze_step(tmp_path):
     assert "step 1: the image encoder is unfrozen" in (tmp_path / "log.txt").read_text()
 
 
+def test_weight_decay_shrinks_the_matrices_alone(tmp_path):
+    """With no gradient, one AdamW step only decays: every matrix (a Linear's weight) by 1 - lr wd, while embeddings,
+    norm scales, attention temperatures and RoPE tables keep their values."""
+    cfg, model, data = train_worker.vae_run(str(tmp_path), max_steps=1, warmup_steps=1, weight_decay=0.5)
+    start = {k: v.clone() for k, v in model.named_parameters()}
+    trainer.train(cfg, model, data, lambda net, batch: (0 * vae.vae_loss(net, batch)[0], {}), "vae")
+    matrices = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, p in model.named_parameters():
+        decayed = name.rpartition(".")[0] in matrices and name.endswith(".weight")
+        assert_close(p.detach(), start[name] * (1 - trainer.lr_at(0, cfg) * cfg.weight_decay if decayed else 1), msg=name)
+    assert any("rope" in n for n in start) and any(n.endswith("scale") for n in start)
+
+
 # ---------------------------------------------------------------------------------------------------- exact resume
 
 @pytest.fixture(scope="module")
