@@ -210,7 +210,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         if rank == 0:
             json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=2)
         log(f"{kind}: {world} process(es) on {device}, {threads or 'all'} thread(s), {workers} data worker(s) each")
-        params = list(model.to(device).parameters())   # weight decay on the matrices alone (not embeddings, RoPE tables)
+        params = list(model.to(device).parameters())   # decay: the matrices alone (no embeddings, RoPE)
         decay = {id(p) for n, p in model.named_parameters() if n.endswith(".weight") and p.dim() == 2}
         opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in decay], "weight_decay": cfg.weight_decay},
                                  {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}],

@@ -31,7 +31,8 @@ MICRO_PLANNER = dict(planner.PRESETS["tiny"], n_frames=8, latent_channels=4, gri
                      val_k=2, val_steps=1, ckpt_every=1000)
 MICRO_POLICY = dict(policy.PRESETS["tiny"], latent_tokens=2 * 16, latent_channels=4, grid_size=4, dim=32, layers=1,
                     head_dim=16, action_chunk=4, latent_pool=8, norm_samples=8, max_steps=3, batch_start=4, batch_end=4,
-                    micro_batch=4, num_workers=0, val_every=1000, eval_stride=8, log_every=1, device="cpu", plan_steps=2, eval_json="")
+                    micro_batch=4, num_workers=0, val_every=1000, eval_stride=8, log_every=1, device="cpu", plan_steps=2,
+                    eval_json="")
 
 
 def flags(values, **overrides):
