@@ -94,7 +94,7 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
             flops, s = (3 if train else 1) * trainable + frozen, timed(fn, device, budget)
             if scale != 1:
                 flops_0, s_0 = sum(count_flops(models, fixed)), timed(fixed, device, budget)
-                flops, s = flops_0 + (flops - flops_0) * scale, s_0 + (s - s_0) * scale
+                flops, s = flops_0 + (flops - flops_0) * scale, s_0 + max(s - s_0, 0.0) * scale   # (noise: never < 0)
         out.append(dict(key=key, name=name, ms=1000 * s, samples_per_s=B / s, frames_per_s=B * frames / s or None,
                         point_frames_per_s=B * frames * points / s or None, peak_mb=peak_mb(device), gflop=flops / 1e9,
                         flops_per_s=flops / s, mfu=flops / s / reference, note=note))
