@@ -81,8 +81,7 @@ PRESETS = {
 }
 LIBERO = dict(task="libero", rope_max_freq=40 * math.pi, image_t=-1.0, cross_rope=False, null_token=True)   # Sec. A
 PRESETS["libero"] = dict(LIBERO, data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
-# CPU-scale (ours): in the tiny robot VAE, through its image encoder locked as DINOv2 is; times shifted (training_time);
-# the task token text_proj(task_emb) alone (a text layer over one token drifts into a task-independent token)
+# CPU-scale (ours): in the tiny robot VAE, its image encoder locked; times shifted; task token text_proj(task_emb) alone
 PRESETS["libero_tiny"] = dict(PRESETS["tiny"], **LIBERO, data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
                               text_layers=0, timestep_scale=1 / 600, freeze_image_encoder=True, time_shift=4.0,
                               max_steps=3000, batch_start=16, batch_end=16, micro_batch=16, log_every=100,
