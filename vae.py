@@ -73,13 +73,14 @@ PRESETS = {
         n_frames=16, synth_tracks=256, synth_pool=1024, fourier_max_freq=10.0, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, dim=64, enc_layers=2,
         dec_layers=2, head_dim=32, latent_channels=8, grid_size=8, n_enc=24, n_dec=24, decoder_attention="independent",
-        position_content=True, predict_offsets=True, encode_offsets=True, max_steps=650, lr=2e-3, warmup_steps=200,
-        decay_frac=0.2, batch_start=16, batch_end=16, batch_ramp_steps=1, micro_batch=16, log_every=25, val_every=325,
-        val_clips=16, ckpt_every=325, num_workers=1, out_dir="out/tiny/vae"),
+        position_content=True, predict_offsets=True, encode_offsets=True, max_steps=1300, lr=2e-3, warmup_steps=400,
+        decay_frac=0.2, batch_start=8, batch_end=8, batch_ramp_steps=1, micro_batch=8, log_every=50, val_every=650,
+        val_clips=16, ckpt_every=650, num_workers=1, out_dir="out/tiny/vae"),
 }
 # CPU-scale (ours): the tiny VAE on the robot demos' tracks, for the tiny LIBERO planner (at scale: the one VAE)
-PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, val_every=500, ckpt_every=250,
-                             log_every=100, out_dir="out/tiny/vae-robot")
+PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, warmup_steps=200, batch_start=16,
+                             batch_end=16, micro_batch=16, val_every=500, ckpt_every=250, log_every=100,
+                             out_dir="out/tiny/vae-robot")
 
 # ------------------------------------------------------------------------------------------------------ Building blocks
 def zero_init(linear):   # an output layer that starts at zero (the release's out_proj / down_proj)
