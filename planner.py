@@ -292,9 +292,9 @@ class MotionPlanner(nn.Module):
             emb = task_emb[:, None] if task_emb.dim() == 2 else task_emb
             tokens.append(self.text_tokens(emb.to(image.dtype), ones(emb.shape[1])))
             valid.append(ones(emb.shape[1]) if task_mask is None else task_mask.bool()[:, None].expand(B, emb.shape[1]))
-        task = torch.cat(valid, 1).any(1, keepdim=True) if valid else ~ones(1)
         if self.null_token is not None:   # open: in every row, a sink beside the task; LIBERO: the dropped task's stand-in
-            tokens, valid = [self.null_token.expand(B, -1, -1)] + tokens, [~task if libero else ones(1)] + valid
+            alone = ~torch.cat(valid, 1).any(1, keepdim=True) if libero else ones(1)
+            tokens, valid = [self.null_token.expand(B, -1, -1)] + tokens, [alone] + valid
         if self.timestep_embed is not None:
             step = torch.as_tensor(timestep, device=dev).float().reshape(B) * cfg.timestep_scale
             tokens, valid = tokens + [self.timestep_embed(step[:, None, None])], valid + [ones(1)]
