@@ -38,7 +38,7 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
     image_t: float = 0.0               # RoPE time of the start frame's tokens (the release: 0 open, -1 LIBERO)
     cross_rope: bool = True            # pokes at their start point in cross-attention (the LIBERO release: no RoPE)
     fourier_max_freq: float = 31.4     # the poke embedding's random frequencies: 95% below this (the release: 10 x 3.14)
-    time_shift: float = 1.0            # ours (tiny LIBERO): training times shifted towards the noise (1 = logit-normal)
+    time_shift: float = 1.0            # ours (tiny): training times shifted towards the noise (1 = logit-normal)
     cond: str = "pokes"                # pokes | text | both: what a training sample may be given (the release: pokes)
     max_pokes: int = 16                # poke slots (the release: 16 sparse, 40 dense); absent pokes are zero tokens
     null_token: bool = False           # ours: a learned token attended in every row (the open release's zero slots: a
@@ -71,20 +71,20 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
 
 PRESETS = {
     "paper": {},   # the release's sparse planner (zipmo_planner_sparse)
-    # CPU-scale (ours): the tiny VAE's 16 frames and 8x8x8 latents, its 112 px image encoder as the starting point
+    # CPU-scale (ours): the tiny VAE's 16 frames and 8x8x8 latents, its 112 px image encoder to start from; times shifted
     "tiny": dict(
         vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, image_from_vae=True,
         rope_max_freq=40 * math.pi, fourier_max_freq=10.0, cond="both", null_token=True, poke_offsets=True, dim=128,
-        layers=4, head_dim=32, time_dim=64, cond_dim=128, norm_samples=128, max_steps=550, lr=1e-3, warmup_steps=50,
+        layers=4, head_dim=32, time_dim=64, cond_dim=128, norm_samples=128, max_steps=550, lr=2e-3, warmup_steps=50,
         decay_frac=0.2, batch_start=32, batch_end=32, batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25,
-        val_every=550, val_clips=16, ckpt_every=110, num_workers=1, out_dir="out/tiny/planner"),
+        val_every=550, val_clips=16, ckpt_every=110, num_workers=1, time_shift=4.0, out_dir="out/tiny/planner"),
 }
 LIBERO = dict(task="libero", rope_max_freq=40 * math.pi, image_t=-1.0, cross_rope=False, null_token=True)   # Sec. A
 PRESETS["libero"] = dict(LIBERO, data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
-# CPU-scale (ours): in the tiny robot VAE, its image encoder locked; times shifted; task token text_proj(task_emb) alone
+# CPU-scale (ours): in the tiny robot VAE, its image encoder locked; task token text_proj(task_emb) alone
 PRESETS["libero_tiny"] = dict(PRESETS["tiny"], **LIBERO, data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
-                              text_layers=0, timestep_scale=1 / 600, freeze_image_encoder=True, time_shift=4.0,
+                              text_layers=0, timestep_scale=1 / 600, freeze_image_encoder=True, lr=1e-3,
                               max_steps=3000, batch_start=16, batch_end=16, micro_batch=16, log_every=100,
                               val_every=1500, ckpt_every=250, out_dir="out/tiny/planner-libero")
 
@@ -96,7 +96,7 @@ def flow_matching_loss(velocity_fn, x0, noise, t):
 
 def training_time(rng, shift=1.0):
     """u = sigmoid(n), n ~ N(0, 1) (logit-normal, the paper's), then SD3's shift t = shift u / (1 + (shift - 1) u);
-    ours (tiny LIBERO): shift > 1 trains more near t = 1, where the first Euler step sets a plan's direction."""
+    ours (tiny): shift > 1 trains more near t = 1, where the first Euler step sets a plan's direction (and its pokes)."""
     u = torch.sigmoid(rng.randn())
     return shift * u / (1 + (shift - 1) * u)
 
@@ -370,13 +370,15 @@ def load_pair(planner_path, vae_path=None, device="cpu"):
 # --------------------------------------------------- Training: latents from the frozen VAE, conditions drawn per sample
 def training_conditions(tracks, texts, cfg, rng):
     """Each sample's task (--cond): pokes only (0.3), text only (0.3), both (0.3), neither (0.1: the null condition).
-    Ours: 1..max_pokes pokes, uniform (the release: Poisson(2.5) of 16), on moving tracks first in half the samples, to
-    the last frame or a random later one. tracks [B, N, T, 2] -> pokes [B, P, 5], poke_mask [B, P], texts."""
+    Ours: 1..max_pokes pokes, mostly many (as the release's 16 less Poisson(2.5)) yet every count, on moving tracks
+    first in half the samples, to the last frame or a random later one. tracks [B, N, T, 2] -> pokes [B, P, 5],
+    poke_mask [B, P], texts."""
     B, N, T, _ = tracks.shape
     probs = {"both": [0.3, 0.3, 0.3, 0.1], "pokes": [0.9, 0, 0, 0.1], "text": [0, 0.9, 0, 0.1]}[cfg.cond]
     mode = (rng.rand(1) > torch.tensor(probs, device=tracks.device).cumsum(0)[:3]).sum(1)   # 0..3 by probs
     P = min(cfg.max_pokes, N)
-    poke_mask = (torch.arange(P, device=tracks.device) < (rng.rand() * P).long()[:, None] + 1) & (mode % 2 == 0)[:, None]
+    given = (P + 1 - (P + 1) ** rng.rand()).ceil()   # P + 1 - given = floor(y), y log-uniform in [1, P + 1)
+    poke_mask = (torch.arange(P, device=tracks.device) < given[:, None]) & (mode % 2 == 0)[:, None]
     moving = ((tracks - tracks[:, :, :1]).norm(dim=-1) >= 0.01).float().mean(-1) > 0.05   # (not data.is_static)
     order = (rng.rand(N) - (moving & (rng.rand(1) < 0.5)).float()).argsort(dim=1)[:, :P]
     end = torch.where(rng.rand(P) < 0.5, T - 1, (rng.rand(P) * (T - 1)).long() + 1)

@@ -231,6 +231,11 @@ def test_training_conditions_cover_every_poke_count_and_read_the_tracks():
     assert pokes.shape == (3000, 16, 5) and mask.shape == (3000, 16)
     counts = mask.sum(1)
     assert set(counts.tolist()) == set(range(17))                    # 0 (text only / null) and every count 1..16
+    # mostly many: 17 - count = floor(y), y log-uniform in [1, 17): P(16) = log 2 / log 17, P(<= 4) = 1 - log 13 / log 17
+    poked = counts[counts > 0].float()
+    for share, expected in (((poked == 16).float().mean(), math.log(2) / math.log(17)),
+                            ((poked <= 4).float().mean(), 1 - math.log(13) / math.log(17))):
+        assert_close(share, torch.tensor(expected), atol=0.03, rtol=0)
     with_text = torch.tensor([t is not None for t in text])
     assert 0.5 < with_text.float().mean() < 0.7                      # text only 0.3 + both 0.3
     assert 0.05 < ((counts == 0) & ~with_text).float().mean() < 0.15   # the null condition, 0.1
