@@ -160,9 +160,16 @@ def track_rows(planner, vae, items, settings, k=8, steps=(10,), guidance=1.0, po
                batch=4):
     """K samples per item decoded at its tracks' start points, per step count and poke count in settings (0 = none;
     the first n tracks poked to their last-frame positions): Min/Mean/Single/MeanT MSE, EPE (poked), unpoked Min-MSE,
-    diversity; beside static and straight-to-the-poke on the same tracks and pokes. The same noise for every setting."""
+    diversity; beside static, straight-to-the-poke and the VAE's floor (its reconstruction from the first n_enc tracks,
+    poked ones first: about the nearest a latent comes) on the same tracks and pokes. The same noise for every setting."""
     device, gt = next(planner.parameters()).device, torch.stack([it["gt"] for it in items])
-    T, rows = gt.shape[2], []
+    T, rows, parts = gt.shape[2], [], [slice(i, i + batch) for i in range(0, len(items), batch)]
+    floor = []
+    for part in parts:
+        image = torch.stack([it["image"] for it in items[part]]).to(device)
+        with autocast(device):
+            z = vae.encode(image, resample_time(gt[part, :vae.cfg.n_enc], vae.cfg.n_frames).to(device))[0]
+            floor.append(to_window(vae.decode(z, image, gt[part, :, 0].to(device)).float().cpu(), T))
 
     def metrics(pred, n):    # pred [clips, K, N, T, 2]
         return dict(trajectory_mse(pred, gt), epe=endpoint_error(pred, gt, n) if n else None, diversity=diversity(pred),
@@ -173,11 +180,12 @@ def track_rows(planner, vae, items, settings, k=8, steps=(10,), guidance=1.0, po
         if n:
             straight = straight_to_poke_baseline(gt[:, :, 0], pokes[n], torch.arange(n).expand(len(gt), n), T)
             rows.append(dict(method="straight_to_poke", steps=None, pokes=n, **metrics(straight[:, None], n)))
+        rows.append(dict(method="vae_floor", steps=None, pokes=n, **metrics(torch.cat(floor)[:, None], n)))
     rep = lambda x: x.repeat_interleave(k, 0).to(device)   # noqa: E731  (item b's K samples are rows b K .. b K + K-1)
     for n_steps in steps:
         for n in settings:
             preds = []
-            for b, part in enumerate(slice(i, i + batch) for i in range(0, len(items), batch)):
+            for b, part in enumerate(parts):
                 image = torch.stack([it["image"] for it in items[part]])
                 poke = rep(pokes[n][part]) if n else None
                 with autocast(device):

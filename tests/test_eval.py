@@ -288,7 +288,7 @@ def test_tracks_command_rows_baselines_steps_and_poke_guidance(micro_checkpoints
     assert json.loads((tmp_path / "tracks.json").read_text()) == json.loads(json.dumps(out))
     assert (out["clips"], out["k"], out["window"], out["model_frames"], out["n_tracks"]) == (2, 2, 8, 8, 8)
     rows = {(r["method"], r["steps"], r["pokes"]): r for r in out["rows"]}
-    assert len(rows) == len(out["rows"]) == 3 + 2 + 3 * 2                   # static, straight, planner x Fig. K steps
+    assert len(rows) == len(out["rows"]) == 3 + 2 + 3 + 3 * 2       # static, straight, VAE floor, planner x Fig. K steps
     assert {s for m, s, _ in rows if m == "planner"} == {1, 2} and {p for _, _, p in rows} == {0, 1, 8}
     keys = {"method", "steps", "pokes", "min", "mean", "single", "meanT", "epe", "min_unpoked", "diversity"}
     for (method, _, pokes), r in rows.items():
@@ -304,6 +304,21 @@ def test_tracks_command_rows_baselines_steps_and_poke_guidance(micro_checkpoints
         assert rows[("straight_to_poke", None, pokes)]["min"] < rows[("static", None, pokes)]["min"]
     assert rows[("static", None, 0)]["min"] == rows[("static", None, 8)]["min"]   # all tracks, whatever the pokes
     assert rows[("straight_to_poke", None, 1)]["min_unpoked"] == rows[("static", None, 1)]["min_unpoked"]
+    # the VAE floor: its reconstruction from the first n_enc evaluation tracks (the poked ones), decoded at all of them;
+    # random weights everywhere (a 2-step VAE's zero-initialised outputs barely read the latents)
+    from planner import load_planner
+    model, generator = vae.load_vae(vae_ckpt), torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.data += torch.randn(p.shape, generator=generator) * 0.1
+    items = [it[0] for it in evaluation.evaluation_items("synthetic", 8, 2, lambda it, i: evaluation.track_items(
+        [it], 8, i) or None, model.cfg)]
+    gt, image = torch.stack([it["gt"] for it in items]), torch.stack([it["image"] for it in items])
+    with torch.no_grad():
+        rec = model.decode(model.encode(image, gt[:, :model.cfg.n_enc])[0], image, gt[:, :, 0])[:, None]
+    floor = evaluation.track_rows(load_planner(planner_ckpt), model, items, [8], k=1)[2]
+    assert floor["method"] == "vae_floor" and rec.std() > 0.1
+    torch.testing.assert_close(torch.tensor([floor["epe"], floor["min"]]),
+                               torch.tensor([endpoint_error(rec, gt), trajectory_mse(rec, gt)["min"]]))
     # planner.PokeGuide on the same clips, pokes and noise: the one-step sample lands nearer the pokes
     guided = main(common + ["--pokes", "1", "--steps", "1", "--poke-guidance", "1"])
     assert guided["poke_guidance"] == 1 and guided["rows"][0] == rows[("static", None, 1)]
@@ -311,7 +326,7 @@ def test_tracks_command_rows_baselines_steps_and_poke_guidance(micro_checkpoints
     # text, and a window of 4 frames from the model's 8
     text = main(common + ["--clips", "1", "--pokes", "0", "--steps", "1", "--text", "--window", "4"])
     assert (text["window"], text["model_frames"], text["text"]) == (4, 8, True)
-    assert [(r["method"], r["pokes"]) for r in text["rows"]] == [("static", 0), ("planner", 0)]
+    assert [(r["method"], r["pokes"]) for r in text["rows"]] == [("static", 0), ("vae_floor", 0), ("planner", 0)]
     assert text["rows"][-1]["min"] > 0
 
 
