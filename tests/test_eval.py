@@ -304,7 +304,7 @@ def test_tracks_command_rows_baselines_steps_and_poke_guidance(micro_checkpoints
         assert rows[("straight_to_poke", None, pokes)]["min"] < rows[("static", None, pokes)]["min"]
     assert rows[("static", None, 0)]["min"] == rows[("static", None, 8)]["min"]   # all tracks, whatever the pokes
     assert rows[("straight_to_poke", None, 1)]["min_unpoked"] == rows[("static", None, 1)]["min_unpoked"]
-    # the VAE floor: its reconstruction from the first n_enc evaluation tracks (the poked ones), decoded at all of them;
+    # the VAE floor: its reconstruction from the first n_enc evaluation tracks (poked ones first), decoded at all of them;
     # random weights everywhere (a 2-step VAE's zero-initialised outputs barely read the latents)
     from planner import load_planner
     model, generator = vae.load_vae(vae_ckpt), torch.Generator().manual_seed(0)
