@@ -167,9 +167,10 @@ def track_rows(planner, vae, items, settings, k=8, steps=(10,), guidance=1.0, po
     floor = []
     for part in parts:
         image = torch.stack([it["image"] for it in items[part]]).to(device)
-        with autocast(device):
-            z = vae.encode(image, resample_time(gt[part, :vae.cfg.n_enc], vae.cfg.n_frames).to(device))[0]
-            floor.append(to_window(vae.decode(z, image, gt[part, :, 0].to(device)).float().cpu(), T))
+        with autocast(device):   # (the DINOv2 tokens once, for encoder and decoder)
+            tokens, enc = vae.image_tokens(image), resample_time(gt[part, :vae.cfg.n_enc], vae.cfg.n_frames).to(device)
+            z = vae.encode(image, enc, image_tokens=tokens)[0]
+            floor.append(to_window(vae.decode(z, image, gt[part, :, 0].to(device), image_tokens=tokens).float().cpu(), T))
 
     def metrics(pred, n):    # pred [clips, K, N, T, 2]
         return dict(trajectory_mse(pred, gt), epe=endpoint_error(pred, gt, n) if n else None, diversity=diversity(pred),
