@@ -23,7 +23,7 @@ IMAGE = dict(image_size=56, image_dim=16, image_layers=1, image_heads=2, image_p
 VAE = dict(IMAGE, dim=32, enc_layers=2, dec_layers=1, head_dim=16, latent_channels=8, grid_size=4, n_frames=8)
 PLANNER = dict(IMAGE, dim=32, layers=2, head_dim=16, time_dim=16, cond_dim=16, latent_channels=8, grid_size=4,
                n_frames=8, max_pokes=4, text_dim=16, text_layers=1)
-TOL = dict(atol=1e-5, rtol=0)
+TOL = dict(atol=1e-5, rtol=1e-5)   # float32: the two implementations add in different orders, per thread count
 
 
 def part(prefix):
