@@ -68,14 +68,14 @@ LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
 PRESETS = {
     "paper": {},
     # CPU-scale (ours): 16 frames (the same motion, coarser), an 8x8 grid, a random 2-layer DINOv2 at 112 px, narrow;
-    # its few random Fourier frequencies kept low, 1024 synthetic clips made once
+    # its few random Fourier frequencies kept low, 1024 synthetic clips made once; batch 4: more updates, same samples
     "tiny": dict(
         n_frames=16, synth_tracks=256, synth_pool=1024, fourier_max_freq=10.0, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, dim=64, enc_layers=2,
         dec_layers=2, head_dim=32, latent_channels=8, grid_size=8, n_enc=24, n_dec=24, decoder_attention="independent",
-        position_content=True, predict_offsets=True, encode_offsets=True, max_steps=1300, lr=2e-3, warmup_steps=400,
-        decay_frac=0.2, batch_start=8, batch_end=8, batch_ramp_steps=1, micro_batch=8, log_every=50, val_every=650,
-        val_clips=16, ckpt_every=650, num_workers=1, out_dir="out/tiny/vae"),
+        position_content=True, predict_offsets=True, encode_offsets=True, max_steps=2600, lr=2e-3, warmup_steps=1200,
+        decay_frac=0.2, batch_start=4, batch_end=4, batch_ramp_steps=1, micro_batch=4, log_every=100, val_every=1300,
+        val_clips=16, ckpt_every=1300, num_workers=1, out_dir="out/tiny/vae"),
 }
 # CPU-scale (ours): the tiny VAE on the robot demos' tracks, for the tiny LIBERO planner (at scale: the one VAE)
 PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, warmup_steps=200, batch_start=16,
