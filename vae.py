@@ -3,7 +3,7 @@ a 16x16 grid of 16-channel latents; the decoder, queried at any start point, giv
 
     python3 vae.py                                   # tiny preset, synthetic clips -> out/tiny/vae/ckpt.pt
     python3 vae.py --preset paper --dry-run          # the Table F model: parameter split and total
-    torchrun --nproc_per_node=2 vae.py --micro_batch=8"""
+    torchrun --nproc_per_node=2 vae.py --micro_batch=2"""
 import dataclasses, hashlib, json, math, os
 from dataclasses import dataclass
 
