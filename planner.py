@@ -71,20 +71,20 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
 
 PRESETS = {
     "paper": {},   # the release's sparse planner (zipmo_planner_sparse)
-    # CPU-scale (ours): the tiny VAE's 16 frames and 8x8x8 latents, its 112 px image encoder to start from; times shifted
+    # CPU-scale (ours): the tiny VAE's 16 frames, 8x8x8 latents, 112 px image encoder to start; shifted times; batch 16
     "tiny": dict(
         vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random", image_size=112,
         image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, image_from_vae=True,
         rope_max_freq=40 * math.pi, fourier_max_freq=10.0, cond="both", null_token=True, poke_offsets=True, dim=128,
-        layers=4, head_dim=32, time_dim=64, cond_dim=128, norm_samples=128, max_steps=550, lr=2e-3, warmup_steps=50,
-        decay_frac=0.2, batch_start=32, batch_end=32, batch_ramp_steps=1, micro_batch=32, ema_decay=0.99, log_every=25,
-        val_every=550, val_clips=16, ckpt_every=110, num_workers=1, time_shift=4.0, out_dir="out/tiny/planner"),
+        layers=4, head_dim=32, time_dim=64, cond_dim=128, norm_samples=128, max_steps=1100, lr=2e-3, warmup_steps=100,
+        decay_frac=0.2, batch_start=16, batch_end=16, batch_ramp_steps=1, micro_batch=16, ema_decay=0.99, log_every=50,
+        val_every=1100, val_clips=16, ckpt_every=220, num_workers=1, time_shift=4.0, out_dir="out/tiny/planner"),
 }
 LIBERO = dict(task="libero", rope_max_freq=40 * math.pi, image_t=-1.0, cross_rope=False, null_token=True)   # Sec. A
 PRESETS["libero"] = dict(LIBERO, data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
 # CPU-scale (ours): in the tiny robot VAE, its image encoder locked; task token text_proj(task_emb) alone
 PRESETS["libero_tiny"] = dict(PRESETS["tiny"], **LIBERO, data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
-                              text_layers=0, timestep_scale=1 / 600, freeze_image_encoder=True, lr=1e-3,
+                              text_layers=0, timestep_scale=1 / 600, freeze_image_encoder=True, lr=1e-3, warmup_steps=50,
                               max_steps=3000, batch_start=16, batch_end=16, micro_batch=16, log_every=100,
                               val_every=1500, ckpt_every=250, out_dir="out/tiny/planner-libero")
 
