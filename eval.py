@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (SPLITS, check_output, find_clips, is_static, load_ref, make_synthetic_clip, pixels_to_unit,
-                  prepare_image, sample_pokes, select_eval_tracks, write_atomically)
+                  prepare_image, sample_pokes, select_eval_tracks, track_picture, write_atomically)
 from libero import VIEWS, LiberoDataset, resample_time
 from planner import PokeGuide, load_pair
 from trainer import autocast, set_threads
@@ -127,6 +127,15 @@ def recon_scores(vae, items, visible_only=False, batch=8):
     scores = {m: {p: score(x[:, s], s) for p, s in parts.items()} for m, x in (("VAE", pred), ("static", static))}
     nearest = nearest_neighbour_baseline(gt[:, :n_enc], gt[:, n_enc:, 0])
     return dict(scores, nearest_neighbour={"MAE": score(nearest, parts["MAE"])}), pred
+
+def vae_scores(model, items, out_png=None):
+    """The VAE's validation: recon's AE and MAE PCK at 256 px (Tables G, H) beside the nearest-neighbour and static
+    baselines; a picture of truth (left) and reconstruction (right)."""
+    scores, pred = recon_scores(model, items)
+    if out_png:
+        track_picture(out_png, [it["frame"] for it in items[:4]], [[it["tracks"] for it in items[:4]], pred[:4]])
+    return dict(AE=scores["VAE"]["AE"]["delta_avg"], MAE=scores["VAE"]["MAE"]["delta_avg"],
+                NN_MAE=scores["nearest_neighbour"]["MAE"]["delta_avg"], static_MAE=scores["static"]["MAE"]["delta_avg"])
 
 def cmd_recon(args):
     vae = load_vae(args.vae, args.device)

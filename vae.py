@@ -4,14 +4,14 @@ a 16x16 grid of 16-channel latents; the decoder, queried at any start point, giv
     python3 vae.py                                   # tiny preset, synthetic clips -> out/tiny/vae/ckpt.pt
     python3 vae.py --preset paper --dry-run          # the Table F model: parameter split and total
     torchrun --nproc_per_node=2 vae.py --micro_batch=2"""
-import dataclasses, hashlib, json, math, os
+import collections, dataclasses, hashlib, json, math, os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import cli
+from data import cli, make_track_dataset   # (synthetic, .npz clips, .tar shards, or LIBERO .hdf5 demos)
 from trainer import SampleRandom, TrainConfig, divides, one_of, load_checkpoint, parse_config, train
 
 @dataclass
@@ -38,8 +38,7 @@ class VAEConfig(ImageConfig, TrainConfig):
     n_dec: int = 40                    # ... plus held-out tracks only the decoder reconstructs ("MAE")
     synth_tracks: int = 1024           # tracker points per synthetic clip
     synth_pool: int = 0                # ours (tiny): training windows drawn from this many synthetic clips, made once
-    # model (Table F)
-    dim: int = 768
+    dim: int = 768                     # the model (Table F)
     enc_layers: int = 12
     dec_layers: int = 12
     head_dim: int = 64
@@ -79,14 +78,12 @@ PRESETS = {
 }
 # CPU-scale (ours): the tiny VAE on the robot demos' tracks, for the tiny LIBERO planner (at scale: the one VAE)
 PRESETS["tiny_robot"] = dict(PRESETS["tiny"], data="data/robot", max_steps=2000, warmup_steps=200, batch_start=16,
-                             batch_end=16, micro_batch=16, val_every=500, ckpt_every=250, log_every=100,
-                             out_dir="out/tiny/vae-robot")
+                             batch_end=16, micro_batch=16, val_every=500, ckpt_every=250, out_dir="out/tiny/vae-robot")
 
 # ------------------------------------------------------------------------------------------------------ Building blocks
 def zero_init(linear):   # an output layer that starts at zero (the release's out_proj / down_proj)
-    nn.init.zeros_(linear.weight)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
+    for p in linear.parameters():
+        nn.init.zeros_(p)
     return linear
 
 class RMSNorm(nn.Module):
@@ -114,9 +111,9 @@ class SwiGLU(nn.Module):
         return self.w3(a * F.silu(gate))
 
 class RoPE(nn.Module):
-    """Axial RoPE of real positions, e.g. (t, y, x), one learned table per attention module (the release): per axis and
-    head head_dim / 8 frequencies (1 axis: head_dim / 4), geometric in [lo, hi) with head h taking every heads-th of
-    them. pos [B, S, axes] -> angles [B, S, heads, axes * k], axis by axis."""
+    """Axial RoPE of real positions, e.g. (t, y, x), a learned table per attention module (the release): per axis and head
+    head_dim / 8 frequencies (1 axis: / 4), geometric in [lo, hi), head h taking every heads-th: pos [B, S, axes] ->
+    angles [B, S, heads, axes * k], axis by axis."""
     def __init__(self, head_dim, heads, ranges, learn=True):
         super().__init__()
         k = head_dim // (4 if len(ranges) == 1 else 8)
@@ -127,18 +124,16 @@ class RoPE(nn.Module):
         return (pos.float()[:, :, None, :, None] * self.freqs.float().transpose(0, 1)).flatten(-2)
 
 def apply_rope(x, angle):
-    """x [..., head_dim] rotated by angles [..., n] (broadcast): the pairs (i, i + n) of its first 2n dims turn
-    (rotate-half), the other dims pass unchanged."""
+    """x [..., head_dim] rotated by angles [..., n]: the pairs (i, i + n) of its first 2n dims turn (rotate-half)."""
     n, (cos, sin) = angle.shape[-1], (angle.cos(), angle.sin())
     a, b, rest = x[..., :n].float(), x[..., n:2 * n].float(), x[..., 2 * n:]
     return torch.cat([(a * cos - b * sin).to(x.dtype), (b * cos + a * sin).to(x.dtype), rest], dim=-1)
 
 class Attention(nn.Module):
     """Cosine-similarity multi-head attention (the release): queries and keys unit-normalised per head, scaled by the
-    square root of a learned per-head temperature (init 10), then RoPE at their own positions (rope: (lo, hi) per axis;
-    None: none). Self-attention projects q | k | v at once; a cross-attention (kv_dim) RMS-normalises its context and
-    projects q and k | v. extra_kv: (k, v) [B, heads, S', head_dim], normalised and rotated, put before the keys (the
-    independent decoder's latents)."""
+    square root of a learned per-head temperature (init 10), then RoPE at their positions (rope: (lo, hi) per axis).
+    Self-attention projects q | k | v at once; cross-attention (kv_dim) RMS-normalises its context, projects q and k | v.
+    extra_kv: (k, v) [B, heads, S', head_dim], normalised and rotated, put before the keys (the independent decoder)."""
     def __init__(self, dim, head_dim, kv_dim=None, rope=None, learn_rope=True):
         super().__init__()
         self.heads, self.head_dim, self.out = dim // head_dim, head_dim, zero_init(nn.Linear(dim, dim, bias=False))
@@ -156,8 +151,7 @@ class Attention(nn.Module):
                  ).to(x.dtype)
         if self.rope is None:
             return x
-        angle = self.rope(pos)
-        return apply_rope(x, angle if x.dim() == 4 else angle.unsqueeze(2))
+        return apply_rope(x, self.rope(pos) if x.dim() == 4 else self.rope(pos).unsqueeze(2))   # (q | k: 5-D)
 
     def split(self, x, parts):   # [B, S, parts * dim] -> [B, S, parts, heads, head_dim]
         return x.view(*x.shape[:2], parts, self.heads, self.head_dim)
@@ -196,15 +190,13 @@ class Block(nn.Module):
     def forward(self, x, pos, ctx, ctx_pos, cond=None, mask=None, ctx_mask=None, extra_kv=None):
         x = x + self.self_attn(self.norm1(x, cond), pos, mask=mask, extra_kv=extra_kv)
         # rows split off a batch element (the decoder's one row per point) are folded back: the context is shared
-        b = ctx.shape[0]
-        h, folded = self.norm2(x, cond).reshape(b, -1, x.shape[-1]), pos.reshape(b, -1, pos.shape[-1])
+        h, folded = self.norm2(x, cond).reshape(len(ctx), -1, x.shape[-1]), pos.reshape(len(ctx), -1, pos.shape[-1])
         x = x + self.cross_attn(h, folded, ctx, ctx_pos, mask=ctx_mask).reshape(x.shape)
         return x + self.ffn(self.norm3(x, cond))
 
 class PointEmbed(nn.Module):
-    """Random Fourier features (the release): sin and cos of each coordinate times the same dim // (2 in_dims) random
-    frequencies ~ N(0, (max_freq / 1.96)^2) (a buffer: 95% below max_freq rad per unit), zero-padded to dim, then
-    n_blocks residual SwiGLU blocks (Sec. B: "Fourier embedded and processed with an MLP")."""
+    """Random Fourier features (the release): sin, cos of each coordinate times dim // (2 in_dims) random frequencies
+    ~ N(0, (max_freq / 1.96)^2) (95% below max_freq), zero-padded to dim, then n_blocks residual SwiGLU (Sec. B)."""
     def __init__(self, in_dims, dim, max_freq=40 * math.pi, n_blocks=2, ffn_mult=3):
         super().__init__()
         self.register_buffer("coeffs", torch.randn(dim // (2 * in_dims)) * max_freq / 1.96)
@@ -219,10 +211,9 @@ class PointEmbed(nn.Module):
             x = x + block(x)
         return x
 
-def grid_centres(n_rows, n_cols, device=None):
+def grid_centres(n_rows, n_cols):
     """Unit (y, x) of the centres of an n_rows x n_cols grid over [-1, 1]^2 -> [n_rows * n_cols, 2], row by row."""
-    y = (torch.arange(n_rows, device=device) + 0.5) / n_rows * 2 - 1
-    x = (torch.arange(n_cols, device=device) + 0.5) / n_cols * 2 - 1
+    y, x = ((torch.arange(n) + 0.5) / n * 2 - 1 for n in (n_rows, n_cols))
     return torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(-1, 2)
 
 class ImageEncoder(nn.Module):
@@ -258,16 +249,15 @@ class ImageEncoder(nn.Module):
 
 # -------------------------------------------------------------------------------------------------------- The track VAE
 class TrackVAE(nn.Module):
-    """Sec. B. encode(image [B, 3, S, S], tracks [B, N, T, 2] unit (x, y)) -> (mean, logvar) [B, n_latents, C]: one
-    token per (track, frame), random Fourier features + MLP of its (y, x), RoPE at (t, y0, x0), beside the latent queries
-    (one learned token at every grid cell) and a register; each layer self-attends, cross-attends to the DINOv2 tokens,
-    SwiGLU. decode(z, image, query_xy [B, Q, 2]) -> [B, Q, T, 2]: one query token per (point, frame) at (t, y0, x0);
-    "joint" (the release): latents and queries in one sequence; "independent" (ours): a query attends to the latents
-    and its own point's frames only, so a point's path does not depend on the others decoded with it.
+    """Sec. B. encode(image [B, 3, S, S], tracks [B, N, T, 2] unit (x, y)) -> (mean, logvar) [B, n_latents, C]: a token
+    per (track, frame) (Fourier features + MLP of its (y, x), RoPE at (t, y0, x0)) beside the latent queries (a learned
+    token per grid cell) and a register; each layer self-attends, cross-attends to the DINOv2 tokens, SwiGLU.
+    decode(z, image, query_xy [B, Q, 2]) -> [B, Q, T, 2], a query token per (point, frame) at (t, y0, x0): "joint" (the
+    release) in one sequence with the latents; "independent" (ours) with the latents and its own point's frames only.
     forward(image, tracks) -> the loss (Table F): L1 over encoded and held-out tracks + beta KL."""
     def __init__(self, cfg: VAEConfig, pretrained=True):
         super().__init__()
-        self.cfg, d, C = cfg, cfg.dim, cfg.latent_channels
+        self.cfg, d, C, g = cfg, cfg.dim, cfg.latent_channels, cfg.grid_size
         rope = ((1, cfg.rope_max_freq_time), (1, cfg.rope_max_freq_space), (1, cfg.rope_max_freq_space))
         self.image_encoder = ImageEncoder(cfg, pretrained)
         self.point_embed = PointEmbed(4 if cfg.encode_offsets else 2, d, cfg.fourier_max_freq, 2, cfg.ffn_mult)
@@ -282,9 +272,8 @@ class TrackVAE(nn.Module):
                                      for _ in range(cfg.dec_layers))
         self.to_xy = nn.Sequential(RMSNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
         # (t, y, x) of each latent token: slot times and grid-cell centres (Sec. D), or all zero (Fig. J)
-        slot_t = (torch.arange(cfg.temporal_slots) + 0.5) / cfg.temporal_slots * 2 - 1
-        cells = grid_centres(cfg.grid_size, cfg.grid_size)
-        pos = torch.cat([slot_t.repeat_interleave(len(cells))[:, None], cells.repeat(cfg.temporal_slots, 1)], 1)
+        slot_t = ((torch.arange(cfg.temporal_slots) + 0.5) / cfg.temporal_slots * 2 - 1).repeat_interleave(g * g)
+        pos = torch.cat([slot_t[:, None], grid_centres(g, g).repeat(cfg.temporal_slots, 1)], 1)
         self.register_buffer("latent_pos", pos * (cfg.latent_layout == "grid"), persistent=False)
 
     @property
@@ -292,8 +281,7 @@ class TrackVAE(nn.Module):
         return self.cfg.temporal_slots * self.cfg.grid_size ** 2
 
     def track_positions(self, start_xy, T):
-        """RoPE positions (t, y0, x0) of per-(point, frame) tokens, t at the frames' centres in [-1, 1]: [B, N, 2] ->
-        [B, N, T, 3]."""
+        """RoPE positions (t, y0, x0) of per-(point, frame) tokens, t at frame centres: [B, N, 2] -> [B, N, T, 3]."""
         t = ((torch.arange(T, device=start_xy.device) + 0.5) / T * 2 - 1).view(1, 1, T, 1)
         return torch.cat([t.expand(*start_xy.shape[:2], T, 1), start_xy.flip(-1).unsqueeze(2).expand(-1, -1, T, -1)], -1)
 
@@ -316,9 +304,8 @@ class TrackVAE(nn.Module):
         x, pos = torch.cat([lead, tokens], 1), torch.cat([F.pad(self.latent_pos, (0, 0, 0, 1)).expand(B, -1, -1), pos], 1)
         mask = None if token_mask is None else torch.cat(
             [token_mask.new_ones(B, lead.shape[1]), token_mask.reshape(B, N * T)], 1)[:, None, None]
-        ctx_pos = self.image_encoder.pos.expand(B, -1, -1)
         for block in self.encoder:
-            x = block(x, pos, ctx, ctx_pos, mask=mask)
+            x = block(x, pos, ctx, self.image_encoder.pos.expand(B, -1, -1), mask=mask)
         return self.to_moments(x[:, :self.n_latents]).chunk(2, dim=-1)
 
     def decode_joint(self, z, ctx, query_xy, T):
@@ -352,9 +339,8 @@ class TrackVAE(nn.Module):
         return x.reshape(B, Q * T, -1)
 
     def decode(self, z, image, query_xy, T=None, chunk=None, image_tokens=None, progress=False):
-        """z [B, n_latents, C], query_xy [B, Q, 2] unit (x, y) -> tracks [B, Q, T, 2], chunk points at a time. Independent:
-        any chunking gives the same paths (default 4096). Joint: a chunk's points see each other (default n_enc + n_dec,
-        the count trained on), and chunk j holds points j, j + n, j + 2n, ... so that each chunk spans the frame."""
+        """z [B, n_latents, C], query_xy [B, Q, 2] unit (x, y) -> tracks [B, Q, T, 2], chunk points at a time: any chunks
+        if independent (default 4096); joint, chunk j of n sees points j, j + n, ... at once (default n_enc + n_dec)."""
         from tqdm import tqdm
         assert query_xy.dim() == 3 and query_xy.shape[-1] == 2, f"query_xy [B, Q, 2], not {list(query_xy.shape)}"
         (B, Q, _), T, joint = query_xy.shape, T or self.cfg.n_frames, self.cfg.decoder_attention == "joint"
@@ -372,8 +358,7 @@ class TrackVAE(nn.Module):
 
     @torch.no_grad()
     def decode_dense(self, z, image, height, width, chunk=None, progress=False):
-        """Sec. C densification: every pixel centre of a height x width frame -> [B, H, W, T, 2] unit (x, y); memory is
-        bounded by the chunk of points decoded at once."""
+        """Sec. C: every pixel centre of a height x width frame -> [B, H, W, T, 2] unit (x, y), chunk points at a time."""
         xs, ys = torch.linspace(-1, 1, width, device=z.device), torch.linspace(-1, 1, height, device=z.device)
         query = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(1, -1, 2).expand(len(z), -1, -1)
         tracks = self.decode(z, image, query, chunk=chunk, progress=progress)
@@ -384,9 +369,7 @@ class TrackVAE(nn.Module):
         decoder: all N at once, as trained). rng: a SampleRandom for the track dropout and the posterior noise."""
         cfg, (B, N, T, _) = self.cfg, tracks.shape
         rng = rng or SampleRandom(torch.randint(2 ** 31, (B,)).tolist(), device=tracks.device)   # (fresh noise)
-        use = torch.ones(B, N, T, dtype=torch.bool, device=tracks.device)
-        if cfg.mask_occluded and visible is not None:
-            use = use & visible
+        use = visible.bool() if cfg.mask_occluded and visible is not None else tracks.new_ones(B, N, T, dtype=torch.bool)
         if self.training and cfg.track_dropout > 0:
             use = use & (rng.rand(N, 1) >= cfg.track_dropout)
         ctx, n_enc = self.image_tokens(image), min(cfg.n_enc, N)
@@ -423,23 +406,20 @@ def fingerprint(model):
 def check_pair(model, expected, what, path):
     """A ValueError when the model loaded from path is not the `what` whose fingerprint a checkpoint recorded."""
     if model.fingerprint != expected:
-        raise ValueError(f"{path}: not the {what} (fingerprint {model.fingerprint}; the checkpoint was made with "
-                         f"{expected})")
+        raise ValueError(f"{path}: not the {what} (fingerprint {model.fingerprint}; the checkpoint's: {expected})")
 
 def load_vae(path, device="cpu", make=None):
     """A TrackVAE from a checkpoint of this file (weights_only) or a release file (release.py), with .fingerprint."""
     import release
-    if release.is_release(path):
-        return release.load_vae(path, device)
-    return load_model(path, "vae", VAEConfig, lambda cfg: TrackVAE(cfg, pretrained=False), device, make)[0]
+    return release.load_vae(path, device) if release.is_release(path) else load_model(
+        path, "vae", VAEConfig, lambda cfg: TrackVAE(cfg, pretrained=False), device, make)[0]
 
 def dry_run(cfg, model, groups, default):
     """--dry-run: the config, the parameters by part (groups = {module name: part}), the total."""
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
-    counts = {}
+    counts = collections.Counter()
     for name, p in model.named_parameters():
-        part = groups.get(name.split(".")[0], default)
-        counts[part] = counts.get(part, 0) + p.numel()
+        counts[groups.get(name.split(".")[0], default)] += p.numel()
     print("\n".join(f"{part:>15}: {n / 1e6:8.2f}M" for part, n in counts.items()))
     print(f"total parameters: {sum(counts.values())}")
     return counts
@@ -449,17 +429,6 @@ def vae_loss(net, batch):
     out = net(batch["image"], batch["tracks"], batch["visible"], rng=batch["rng"])
     return out["loss"], {"l1": out["l1"], "kl": out["kl"]}
 
-def validate_vae(model, items, out_png=None):
-    """Held-out clips: eval.py recon's AE PCK (encoded tracks) and MAE PCK (held-out ones) at 256 px (Tables G, H),
-    beside the nearest-neighbour and static baselines; a picture of truth (left) and reconstruction (right)."""
-    from data import track_picture
-    from eval import recon_scores
-    scores, pred = recon_scores(model, items)
-    if out_png:
-        track_picture(out_png, [it["frame"] for it in items[:4]], [[it["tracks"] for it in items[:4]], pred[:4]])
-    return dict(AE=scores["VAE"]["AE"]["delta_avg"], MAE=scores["VAE"]["MAE"]["delta_avg"],
-                NN_MAE=scores["nearest_neighbour"]["MAE"]["delta_avg"], static_MAE=scores["static"]["MAE"]["delta_avg"])
-
 def main(argv=None):
     cfg = parse_config(VAEConfig, PRESETS, argv)
     torch.manual_seed(cfg.seed)
@@ -467,15 +436,14 @@ def main(argv=None):
     if cfg.dry_run:
         return dry_run(cfg, model, dict(image_encoder="image encoder", **dict.fromkeys(
             ("latent_proj", "query_token", "decoder", "to_xy"), "decoder")), "encoder")
-    from data import make_track_dataset   # synthetic, .npz clips, .tar shards, or LIBERO .hdf5 demos
+    from eval import vae_scores
     common = dict(n_frames=cfg.n_frames, n_enc=cfg.n_enc, n_dec=cfg.n_dec, image_size=cfg.image_size, seed=cfg.seed,
                   synth_tracks=cfg.synth_tracks, synth_pool=cfg.synth_pool)
     train_set = make_track_dataset(cfg.data, "train", **common)
     val_set = make_track_dataset(cfg.data, "val", length=cfg.val_clips, **common)
     val_items = [val_set[i] for i in range(min(cfg.val_clips, len(val_set)))]
     freeze = (model.image_encoder, cfg.unfreeze_image_encoder_at) if cfg.freeze_image_encoder else None
-    validate = (lambda raw, step: validate_vae(raw, val_items, os.path.join(cfg.out_dir, "val.png"))) \
-        if val_items else None
+    validate = (lambda raw, step: vae_scores(raw, val_items, os.path.join(cfg.out_dir, "val.png"))) if val_items else None
     train(cfg, model, train_set, vae_loss, "vae", validate, freeze=freeze)
 
 if __name__ == "__main__":
