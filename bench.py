@@ -82,7 +82,8 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
             return
         if train:
             models[0].train().image_encoder.requires_grad_(not models[0].cfg.freeze_image_encoder)
-            opt, loss = torch.optim.AdamW([p for p in models[0].parameters() if p.requires_grad], lr=1e-5), fn
+            opt, loss = torch.optim.AdamW([p for p in models[0].parameters() if p.requires_grad], lr=1e-5,
+                                          fused=device.type in ("cpu", "cuda")), fn   # as trainer.train
 
             def fn():
                 loss().backward()

@@ -214,7 +214,7 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
         decay = {id(p) for n, p in model.named_parameters() if n.endswith(".weight") and p.dim() == 2}
         opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in decay], "weight_decay": cfg.weight_decay},
                                  {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}],
-                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
         ckpt = latest_checkpoint(cfg.out_dir, kind, device) if cfg.resume else None
         step, sample = (ckpt["step"], ckpt["sample"]) if ckpt else (0, 0)
         if ckpt:
@@ -253,11 +253,11 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
                 (loss / n_acc).backward()
                 for k, v in {"loss": loss, **metrics}.items():
                     step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / n_acc
-            # skip together: one rank's NaN must not leave the others stepping alone (or DDP hangs)
-            finite = torch.tensor(float(torch.isfinite(step_sums["loss"]) and all(
-                torch.isfinite(p.grad).all() for p in params if p.grad is not None)), device=device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN) if world > 1 else None
+            # skip together: one rank's NaN must not leave the others stepping alone (or DDP hangs); a non-finite
+            # gradient makes the norm non-finite (its clipped gradients are NaN, and dropped with the step)
             gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            finite = (torch.isfinite(step_sums["loss"]) & torch.isfinite(gnorm)).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN) if world > 1 else None
             nonfinite = [] if finite.item() == 1 else nonfinite + [step]
             if nonfinite:
                 log(f"warning: step {step}: non-finite loss or gradient on some rank, skipped on all ({len(nonfinite)})")
