@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from data import TrackDataset, cli
 from trainer import TrainConfig, divides, one_of, parse_config, train
 from vae import (Attention, Block, ImageConfig, ImageEncoder, PointEmbed, RMSNorm, SwiGLU, check_pair, dry_run,
-                 grid_centres, load_model, load_vae)
+                 grid_centres, latent_positions, load_model, load_vae)
 
 VAE_FIELDS = ("n_frames", "latent_channels", "grid_size", "temporal_slots", "image_size")   # from the VAE's config
 
@@ -215,9 +215,8 @@ class MotionPlanner(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.head_dim, c, cfg.ffn_mult, cfg.time_dim, rope, cfg.cross_rope)
                                     for _ in range(cfg.layers))
         # the sequence: view 0's grid, view 1's, then view 0's patches, view 1's: (t, y, x) at cell and patch centres
-        S, G, V, side = cfg.temporal_slots, cfg.grid_size, self.n_views, cfg.image_size // cfg.image_patch
-        slot_t = (torch.arange(S) + 0.5) / S * 2 - 1
-        cells = torch.cat([slot_t.repeat_interleave(G ** 2)[:, None], grid_centres(G, G).repeat(S, 1)], 1)
+        V, side = self.n_views, cfg.image_size // cfg.image_patch
+        cells = latent_positions(cfg.temporal_slots, cfg.grid_size)
         patches = F.pad(grid_centres(side, side), (1, 0), value=cfg.image_t)
         self.register_buffer("token_pos", torch.cat([cells.repeat(V, 1), patches.repeat(V, 1)]), persistent=False)
         self.register_buffer("latent_shift", torch.zeros(()))   # z_n = (z - shift) * scale, measured on training data

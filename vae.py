@@ -151,7 +151,8 @@ class Attention(nn.Module):
                  ).to(x.dtype)
         if self.rope is None:
             return x
-        return apply_rope(x, self.rope(pos) if x.dim() == 4 else self.rope(pos).unsqueeze(2))   # (q | k: 5-D)
+        angle = self.rope(pos)
+        return apply_rope(x, angle if x.dim() == 4 else angle.unsqueeze(2))   # (q | k stacked: 5-D)
 
     def split(self, x, parts):   # [B, S, parts * dim] -> [B, S, parts, heads, head_dim]
         return x.view(*x.shape[:2], parts, self.heads, self.head_dim)
@@ -216,6 +217,9 @@ def grid_centres(n_rows, n_cols):
     y, x = ((torch.arange(n) + 0.5) / n * 2 - 1 for n in (n_rows, n_cols))
     return torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(-1, 2)
 
+def latent_positions(slots, side):   # (t, y, x) of a latent grid's tokens (Sec. D): t at slot centres, slot by slot
+    return torch.cat([grid_centres(slots, side * side)[:, :1], grid_centres(side, side).repeat(slots, 1)], 1)
+
 class ImageEncoder(nn.Module):
     """DINOv2 ViT-B/14 with registers (transformers): the start frame [B, 3, S, S], ImageNet-normalised -> patch
     tokens [B, (S/14)^2, image_dim] (CLS and registers dropped); .pos = their RoPE positions (t = -1, y, x)."""
@@ -257,7 +261,7 @@ class TrackVAE(nn.Module):
     forward(image, tracks) -> the loss (Table F): L1 over encoded and held-out tracks + beta KL."""
     def __init__(self, cfg: VAEConfig, pretrained=True):
         super().__init__()
-        self.cfg, d, C, g = cfg, cfg.dim, cfg.latent_channels, cfg.grid_size
+        self.cfg, d, C, self.n_latents = cfg, cfg.dim, cfg.latent_channels, cfg.temporal_slots * cfg.grid_size ** 2
         rope = ((1, cfg.rope_max_freq_time), (1, cfg.rope_max_freq_space), (1, cfg.rope_max_freq_space))
         self.image_encoder = ImageEncoder(cfg, pretrained)
         self.point_embed = PointEmbed(4 if cfg.encode_offsets else 2, d, cfg.fourier_max_freq, 2, cfg.ffn_mult)
@@ -272,13 +276,8 @@ class TrackVAE(nn.Module):
                                      for _ in range(cfg.dec_layers))
         self.to_xy = nn.Sequential(RMSNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
         # (t, y, x) of each latent token: slot times and grid-cell centres (Sec. D), or all zero (Fig. J)
-        slot_t = ((torch.arange(cfg.temporal_slots) + 0.5) / cfg.temporal_slots * 2 - 1).repeat_interleave(g * g)
-        pos = torch.cat([slot_t[:, None], grid_centres(g, g).repeat(cfg.temporal_slots, 1)], 1)
+        pos = latent_positions(cfg.temporal_slots, cfg.grid_size)
         self.register_buffer("latent_pos", pos * (cfg.latent_layout == "grid"), persistent=False)
-
-    @property
-    def n_latents(self):
-        return self.cfg.temporal_slots * self.cfg.grid_size ** 2
 
     def track_positions(self, start_xy, T):
         """RoPE positions (t, y0, x0) of per-(point, frame) tokens, t at frame centres: [B, N, 2] -> [B, N, T, 3]."""
@@ -304,8 +303,9 @@ class TrackVAE(nn.Module):
         x, pos = torch.cat([lead, tokens], 1), torch.cat([F.pad(self.latent_pos, (0, 0, 0, 1)).expand(B, -1, -1), pos], 1)
         mask = None if token_mask is None else torch.cat(
             [token_mask.new_ones(B, lead.shape[1]), token_mask.reshape(B, N * T)], 1)[:, None, None]
+        ctx_pos = self.image_encoder.pos.expand(B, -1, -1)
         for block in self.encoder:
-            x = block(x, pos, ctx, self.image_encoder.pos.expand(B, -1, -1), mask=mask)
+            x = block(x, pos, ctx, ctx_pos, mask=mask)
         return self.to_moments(x[:, :self.n_latents]).chunk(2, dim=-1)
 
     def decode_joint(self, z, ctx, query_xy, T):
