@@ -6,7 +6,7 @@ import argparse, dataclasses, json, math, os, re, sys, time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from tqdm import tqdm
 
 from data import check_output, write_atomically
 
@@ -42,15 +42,15 @@ class TrainConfig:
 
     ZERO_OK = ("seed", "warmup_steps", "num_workers", "threads", "n_dec", "latent_pool", "val_clips", "text_layers",
                "image_registers", "proprio_dim", "synth_pool")
+    ANY_SIGN = ("unfreeze_image_encoder_at", "image_t")   # may be negative (-1: never unfreeze; LIBERO image time)
 
     def check(self):   # values that cannot work, as '--flag value: expected ...' lines (parse_config reports them)
         out = [] if re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) else [
             f"--device {self.device}: expected auto, cpu, cuda or cuda:N"]
-        for f in dataclasses.fields(self):
-            v, least = getattr(self, f.name), 0 if f.name in self.ZERO_OK or type(getattr(self, f.name)) is float else 1
-            if type(v) in (int, float) and not (least <= v or f.name in ("unfreeze_image_encoder_at", "image_t")) \
-                    or type(v) is float and not abs(v) < math.inf:
-                out.append(f"--{f.name} {v}: expected a finite value >= {least}")
+        for name, v in dataclasses.asdict(self).items():
+            least = 0 if name in self.ZERO_OK or type(v) is float else 1
+            if type(v) in (int, float) and not (abs(v) < math.inf and (least <= v or name in self.ANY_SIGN)):
+                out.append(f"--{name} {v}: expected a finite value >= {least}")
         return out
 
 def divides(cfg, part, whole):   # a check() line when field `part` does not divide field `whole`
@@ -75,15 +75,14 @@ def parse_config(cls, presets, argv=None):
     defaults = dataclasses.replace(cls(), preset=preset, **presets[preset])
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(cls):
-        value = getattr(defaults, field.name)
+    for name, value in dataclasses.asdict(defaults).items():
         kind = dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if isinstance(value, bool) else \
             dict(type=type(value))
-        parser.add_argument(*sorted({f"--{field.name}", f"--{field.name.replace('_', '-')}"}), dest=field.name,
-                            default=value, help=f"default {value}", **kind)
+        parser.add_argument(*sorted({f"--{name}", f"--{name.replace('_', '-')}"}), dest=name, default=value,
+                            help=f"default {value}", **kind)
     cfg = cls(**vars(parser.parse_args(argv)))
-    if cfg.check():
-        parser.error("; ".join(cfg.check()))
+    if errors := cfg.check():
+        parser.error("; ".join(errors))
     return cfg
 
 def setup_distributed(device="auto"):   # -> rank, world, device, owned (this call started the process group)
@@ -100,10 +99,8 @@ def setup_distributed(device="auto"):   # -> rank, world, device, owned (this ca
     return rank, world, torch.device(device), owned
 
 CORES = torch.get_num_threads()   # PyTorch's default: the physical cores (or OMP_NUM_THREADS)
-
 def set_threads(threads=0, workers=0):
-    """-> (threads, data workers), applied: this process's share of the cores, one per worker, the rest threads (at
-    least one); or --threads / OMP_NUM_THREADS (README "Training at any scale")."""
+    """-> (threads, workers), set: --threads, else OMP_NUM_THREADS, else this process's cores less one per worker."""
     cores = CORES // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     workers = max(0, min(workers, cores - 1))
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, cores - workers))
@@ -140,14 +137,13 @@ class SampleRandom:
     """Random numbers keyed by (seed, global sample index), the same on any rank, micro-batch or resumed run:
     rand / randn(*shape) -> [B, *shape], row b from sample b's own generator (numpy's PCG64 seeded by the pair)."""
     def __init__(self, index, seed=0, device="cpu"):
-        self.device, self.generators = device, [np.random.default_rng((seed, int(i))) for i in index]
+        self.device, self.rngs = device, [np.random.default_rng((seed, int(i))) for i in index]
 
     def rand(self, *shape):
-        return torch.from_numpy(np.stack([g.random(shape, dtype=np.float32) for g in self.generators])).to(self.device)
+        return torch.from_numpy(np.stack([g.random(shape, np.float32) for g in self.rngs])).to(self.device)
 
     def randn(self, *shape):
-        draws = [g.standard_normal(shape, dtype=np.float32) for g in self.generators]
-        return torch.from_numpy(np.stack(draws)).to(self.device)
+        return torch.from_numpy(np.stack([g.standard_normal(shape, np.float32) for g in self.rngs])).to(self.device)
 
 def step_batches(cfg, rank, world, step=0, sample=0):
     """This rank's micro-batches of global sample indices: micro-step a of rank r takes slice a * world + r."""
@@ -165,8 +161,8 @@ def save_checkpoint(path, state):   # tensors and plain values only: every loade
 def load_checkpoint(path, kind, device="cpu", make=None):
     """torch.load(weights_only=True); a ValueError if missing (naming `make`), corrupt, or another stage's."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint; make it with: "
-                         f"{make or f'python3 {kind}.py --out_dir {os.path.dirname(path) or chr(46)}'}")
+        make = make or f"python3 {kind}.py --out_dir {os.path.dirname(path) or '.'}"
+        raise ValueError(f"{path}: no such checkpoint; make it with: {make}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -190,7 +186,6 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
     """loss_fn(net, batch) -> (loss, {name: tensor}), every random number drawn from batch["rng"] (a SampleRandom).
     validate(raw_model, step) -> {name: float} on rank 0; ema: updated every step and saved; freeze: (module, step),
     frozen until that step (-1: always; Table F's image encoder)."""
-    from tqdm import tqdm
     try:
         dataset[0]     # unusable data stops the run here, before anything is written
     except ValueError as e:
@@ -217,18 +212,18 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
                                 lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
         ckpt = latest_checkpoint(cfg.out_dir, kind, device) if cfg.resume else None
         step, sample = (ckpt["step"], ckpt["sample"]) if ckpt else (0, 0)
+        ema.model.to(device) if ema else None
         if ckpt:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             log(f"resumed from {cfg.out_dir} at step {step}")
-        ema.model.to(device) if ema else None
-        ema.load_state_dict(ckpt["ema"]) if ema and ckpt else None
+            ema.load_state_dict(ckpt["ema"]) if ema else None
         def wrap():    # (DDP fixes which parameters train when it is built: rebuilt when the freeze ends)
             frozen = freeze is not None and not 0 <= freeze[1] <= step
             freeze[0].requires_grad_(not frozen) if freeze else None
             net = torch.compile(model) if cfg.compile else model
             ids = [device.index] if device.type == "cuda" else None
-            return (nn.parallel.DistributedDataParallel(net, device_ids=ids) if world > 1 else net), frozen
+            return (torch.nn.parallel.DistributedDataParallel(net, device_ids=ids) if world > 1 else net), frozen
         net, frozen = wrap()
         batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=step_batches(cfg, rank, world, step, sample),
                                                    num_workers=workers))
@@ -253,9 +248,8 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
                 (loss / n_acc).backward()
                 for k, v in {"loss": loss, **metrics}.items():
                     step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / n_acc
-            # skip together: one rank's NaN must not leave the others stepping alone (or DDP hangs); a non-finite
-            # gradient makes the norm non-finite (its clipped gradients are NaN, and dropped with the step)
-            gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # skip on every rank together (or DDP hangs); a non-finite gradient makes the norm non-finite
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             finite = (torch.isfinite(step_sums["loss"]) & torch.isfinite(gnorm)).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN) if world > 1 else None
             nonfinite = [] if finite.item() == 1 else nonfinite + [step]
@@ -293,7 +287,6 @@ def train(cfg, model, dataset, loss_fn, kind, validate=None, ema=None, freeze=No
                     kind=kind, model=model.state_dict(), optimizer=opt.state_dict(), step=step, sample=sample,
                     config=dataclasses.asdict(cfg), **({"ema": ema.state_dict()} if ema else {})))
         bar.close()
-        return model
     finally:
         torch.set_num_threads(previous)
         if owned and dist.is_initialized():
