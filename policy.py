@@ -9,12 +9,11 @@ import dataclasses, json, math, os
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from data import cli, prepare_image, write_atomically
 from planner import PRESETS as PLANNER_PRESETS, MotionPlanner, PlannerConfig, load_planner
 from trainer import SampleRandom, TrainConfig, divides, parse_config, train
-from vae import Block, check_pair, grid_centres, load_model, load_vae
+from vae import Block, check_pair, dry_run, grid_centres, load_model, load_vae
 
 @dataclasses.dataclass
 class PolicyConfig(TrainConfig):
@@ -24,8 +23,7 @@ class PolicyConfig(TrainConfig):
     latent_tokens: int = 512           # the planner's latents (from its checkpoint): both views' grids
     latent_channels: int = 16
     grid_size: int = 16                # the planner's grid (its cells are the latents' 2-D RoPE positions)
-    proprio_dim: int = 9               # the release: the robot's joint (7) and gripper (2) state as one more token; 0:
-                                       # the head reads the plans alone (Sec. A's text; ours, tiny)
+    proprio_dim: int = 9               # the release: joint (7) + gripper (2) state token; 0: none (Sec. A; ours, tiny)
     dim: int = 768                     # Sec. A: "a shallow 6-layer transformer with dimensionality 768"
     layers: int = 6
     head_dim: int = 64
@@ -64,37 +62,33 @@ PRESETS = {
 }
 
 class PolicyHead(nn.Module):
-    """Sec. A's inverse dynamics (the release's head): action queries [action_chunk, dim] (learned, through a linear map)
-    self-attend and cross-attend to the plan's latents [B, N, C] (normalised as the planner does, a linear map + the
-    view's embedding, 2-D RoPE at their grid cell) and the robot state's token (proprio [B, proprio_dim], at (0, 0));
-    a linear map -> standardised actions [B, action_chunk, 7]."""
+    """Sec. A's inverse dynamics (the release's head): learned action queries [action_chunk, dim] self- and cross-attend
+    to the plan's latents [B, N, C] (planner-normalised, a linear map + the view's embedding, 2-D RoPE at their grid
+    cell) and the robot state (proprio [B, proprio_dim], a token at (0, 0)) -> standardised actions [B, chunk, 7]."""
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
-        self.cfg, d = cfg, cfg.dim
+        self.cfg, d, g = cfg, cfg.dim, cfg.grid_size
         self.queries = nn.Parameter(torch.randn(cfg.action_chunk, d) * 0.02)
         self.query_proj, self.latent_in = nn.Linear(d, d, bias=False), nn.Linear(cfg.latent_channels, d)
-        # the release's six slots: start frames (2), plans (2), task, robot state; this head reads rows 2, 3 and 5
-        self.modality_embed = nn.Parameter(torch.randn(6, d) * 0.02)
+        self.modality_embed = nn.Parameter(torch.randn(6, d) * 0.02)   # the release's: frames, plans 2-3, task, state 5
         self.proprio_in = nn.Linear(cfg.proprio_dim, d) if cfg.proprio_dim else None
         rope = ((1, 40 * math.pi), (1, 40 * math.pi))
         self.blocks = nn.ModuleList(Block(d, cfg.head_dim, d, cfg.ffn_mult, rope=rope) for _ in range(cfg.layers))
         self.action_out = nn.Linear(d, cfg.action_dim, bias=False)
-        cells = grid_centres(cfg.grid_size, cfg.grid_size)
-        self.register_buffer("latent_pos", cells.repeat(cfg.latent_tokens // len(cells), 1), persistent=False)
+        self.register_buffer("latent_pos", grid_centres(g, g).repeat(cfg.latent_tokens // g ** 2, 1), persistent=False)
         for name, value in (("latent_shift", torch.zeros(())), ("latent_scale", torch.ones(())),   # the planner's and
                             ("action_mean", torch.zeros(cfg.action_dim)), ("action_std", torch.ones(cfg.action_dim))):
             self.register_buffer(name, value)                                                       # the actions'
 
     def forward(self, z, proprio=None):
-        B, per_view = len(z), self.cfg.latent_tokens // 2
         assert z.shape[1:] == (self.cfg.latent_tokens, self.cfg.latent_channels), f"latents {list(z.shape)}"
-        ctx = self.latent_in((z - self.latent_shift) * self.latent_scale) + \
-            self.modality_embed[2:4].repeat_interleave(per_view, 0)
+        B, view_embed = len(z), self.modality_embed[2:4].repeat_interleave(self.cfg.latent_tokens // 2, 0)
+        ctx = self.latent_in((z - self.latent_shift) * self.latent_scale) + view_embed
         pos = self.latent_pos.expand(B, -1, -1)
         if self.proprio_in is not None:
             assert proprio is not None and proprio.shape == (B, self.cfg.proprio_dim), "proprio [B, proprio_dim]"
             ctx = torch.cat([ctx, (self.proprio_in(proprio.to(ctx.dtype)) + self.modality_embed[5])[:, None]], 1)
-            pos = F.pad(pos, (0, 0, 0, 1))
+            pos = torch.cat([pos, pos.new_zeros(B, 1, 2)], 1)
         x, qpos = self.query_proj(self.queries).expand(B, -1, -1), pos.new_zeros(B, self.cfg.action_chunk, 2)
         for block in self.blocks:
             x = block(x, qpos, ctx, pos)
@@ -118,15 +112,15 @@ class Policy:
 
     @torch.no_grad()
     def chunk(self, frames, task_emb, t, proprio=None):
-        """frames [V, H, W, 3] or [B, V, H, W, 3] uint8; task_emb [D] or [B, D]; t int or [B]; proprio [9] or [B, 9]
-        (a head with proprio_dim) -> [B, chunk, A]."""
+        """frames uint8 [(B,) V, H, W, 3], task_emb [(B,) D], t int or [B], proprio [(B,) 9] -> [B, chunk, 7]."""
         frames = np.asarray(frames).reshape(-1, *np.shape(frames)[-4:])
         device, B, size = next(self.head.parameters()).device, len(frames), self.planner.cfg.image_size
         image = torch.stack([torch.stack([prepare_image(f, size)[1] for f in views]) for views in frames]).to(device)
         emb = torch.as_tensor(task_emb, dtype=torch.float32).reshape(B, -1).to(device)
         z = self.planner.sample(image, task_emb=emb, generator=self.generator, steps=self.steps,
                                 timestep=torch.as_tensor(t).reshape(-1).expand(B).to(device))
-        return self.head.actions(z, None if proprio is None else torch.as_tensor(proprio).float().reshape(B, -1).to(device))
+        state = None if proprio is None else torch.as_tensor(proprio).float().reshape(B, -1).to(device)
+        return self.head.actions(z, state)
 
     def act(self, frames, task_emb, t, proprio=None):
         actions, step = self.chunk(frames, task_emb, t, proprio), int(torch.as_tensor(t).flatten()[0])   # (one step)
@@ -146,8 +140,7 @@ def libero_planner(path, device="cpu"):
     return planner.requires_grad_(False)
 
 def load_policy(path, device="cpu", averaging="none", decay=0.1, seed=0, planner=None):
-    """A Policy from a head checkpoint (or a release file, release.py) and the planner it names (a ValueError unless the
-    head was trained on it)."""
+    """A Policy from a head checkpoint or release file and the planner it names (a ValueError unless trained on it)."""
     import release
     if release.is_release(path):   # (the file holds the planner too)
         own = release.load_planner(path, device).requires_grad_(False)
@@ -169,10 +162,9 @@ class PlannedWindows(torch.utils.data.Dataset):
         return self.pool or len(self.base)
 
     def window(self, w):   # (with a pool, each pooled window is read once per loader worker)
-        if w not in self.items:
-            self.items = self.items if self.pool else {}
+        if self.pool and w not in self.items:
             self.items[w] = self.base[w]
-        return self.items[w]
+        return self.items[w] if self.pool else self.base[w]
 
     def __getitem__(self, index):
         w = int(index) % self.pool if self.pool else int(index)
@@ -205,15 +197,13 @@ def windows(cfg, pc, split):
 @torch.no_grad()
 def action_mse(heads, planner, cfg, batch_size=32):
     """Each head's and the mean action's MSE (data units: overall, dims 0-1, gripper) on the same held-out plans."""
-    val = windows(cfg, planner.cfg, "val")
+    val, device = windows(cfg, planner.cfg, "val"), next(planner.parameters()).device
     items = [val[i] for i in range(min(cfg.val_clips or len(val), len(val)))]
-    device, actions = next(planner.parameters()).device, torch.stack([it["actions"] for it in items])
-    parts = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    z = torch.cat([plan(planner, {k: torch.stack([it[k] for it in part]).to(device) for k in ("image", "task_emb",
-                   "timestep")} | {"plan_index": [it["index"] for it in part]}, cfg, tag=1) for part in parts])
-    proprio = torch.stack([it["proprio"] for it in items]).to(device)
-    predictions = {name: head.eval().to(device).actions(z, proprio if head.cfg.proprio_dim else None).cpu()
-                   for name, head in heads.items()}
+    batches = [torch.utils.data.default_collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    z = torch.cat([plan(planner, {k: b[k].to(device) for k in ("image", "task_emb", "timestep")}
+                        | {"plan_index": b["index"]}, cfg, tag=1) for b in batches])
+    actions, proprio = (torch.cat([b[k] for b in batches]) for k in ("actions", "proprio"))
+    predictions = {name: head.eval().to(device).actions(z, proprio.to(device)).cpu() for name, head in heads.items()}
     predictions["mean_action"] = next(iter(heads.values())).action_mean.cpu().expand_as(actions)
     out = {}
     for name, pred in predictions.items():
@@ -249,9 +239,8 @@ def main(argv=None):
             planner = MotionPlanner(pc, pretrained=False)
             head = PolicyHead(dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents,
                                                   latent_channels=pc.latent_channels, grid_size=pc.grid_size))
-        print(json.dumps(dataclasses.asdict(head.cfg), indent=2))
-        n_head, n_plan = (sum(p.numel() for p in m.parameters()) for m in (head, planner))
-        print(f"total parameters: {n_head} (the policy head: {cfg.layers} layers of width {cfg.dim})")
+        n_head = sum(dry_run(head.cfg, head, {}, "policy head").values())   # (the config, the head's parameters)
+        n_plan = sum(p.numel() for p in planner.parameters())
         return print(f"total parameters: {n_head + n_plan} (with planner.py --preset {name}: {n_plan / 1e6:.2f}M)")
     planner = libero_planner(cfg.planner)
     cfg = dataclasses.replace(cfg, latent_tokens=planner.n_views * planner.n_latents, grid_size=planner.cfg.grid_size,
@@ -267,7 +256,7 @@ def main(argv=None):
                               action_mean=actions.mean(0), action_std=actions.std(0).clamp(min=1e-6)), strict=False)
     cache = {} if cfg.latent_pool else None
     def loss(net, batch):   # the L2 loss on the actions themselves (ATM's BC loss), later ones discounted (the release)
-        pred = net(plan(planner, batch, cfg, cache), batch["proprio"] if cfg.proprio_dim else None)
+        pred = net(plan(planner, batch, cfg, cache), batch["proprio"])
         weight = cfg.action_discount ** torch.arange(cfg.action_chunk, device=pred.device)[:, None]
         return ((pred * head.action_std + head.action_mean - batch["actions"]).pow(2) * weight).mean(), {}
     def validate(raw, step):
