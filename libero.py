@@ -15,8 +15,7 @@ from data import (COLORS, SPLITS, expect, check_output, cli, is_static, pixels_t
 VIEWS = ("agentview", "eye_in_hand")   # the side and the wrist camera (Table E's two columns), in this order
 
 def resample_time(tracks, T_out):
-    """Tracks [..., T_in, 2] (torch) -> [..., T_out, 2], linear in time (Sec. A: 16 -> 64 frames to train, 64 -> 16 to
-    evaluate). Frame j sits at source time j (T_in - 1) / (T_out - 1): the ends are kept, linear motion round-trips."""
+    """Tracks [..., T_in, 2] (torch) -> [..., T_out, 2], linear in time, the ends kept (Sec. A: 16 <-> 64 frames)."""
     T_in = tracks.shape[-2]
     assert T_in >= 2 and T_out >= 2 and tracks.shape[-1] == 2, f"resample_time: {list(tracks.shape)} -> {T_out}"
     s = torch.arange(T_out, dtype=torch.float64, device=tracks.device) * (T_in - 1) / (T_out - 1)
@@ -61,8 +60,7 @@ def load_demo(path, views=VIEWS, frames=None, flip=None):
         text = root.attrs.get("text", task_text(os.path.dirname(os.path.abspath(path))))
         upside_down = bool(root.attrs.get("upside_down", False)) if flip is None else flip
         extra = root.get("extra_states")   # ATM keeps the robot's state there: joint (7) and gripper (2) positions
-        proprio = None if extra is None else np.concatenate([_read(extra, k, path) for k in ("joint_states",
-                                                                                            "gripper_states")], -1)
+        proprio = [] if extra is None else [_read(extra, k, path) for k in ("joint_states", "gripper_states")]
         out = {}
         for view in views:
             video, tracks, vis = (_read(root, f"{view}/{k}", path, None) for k in ("video", "tracks", "vis"))
@@ -81,7 +79,7 @@ def load_demo(path, views=VIEWS, frames=None, flip=None):
             out[view] = dict(video=np.ascontiguousarray(pixels), tracks=xy,   # (vis: bool, or 0 / 1 floats)
                              visibility=_read(root, f"{view}/vis", path, 0) > 0.5)
         return dict(actions=actions[()].astype(np.float32), views=out, task_emb=emb[()].astype(np.float32).reshape(-1),
-                    proprio=np.zeros((T, 0), np.float32) if proprio is None else proprio.astype(np.float32),
+                    proprio=np.concatenate([np.zeros((T, 0))] + proprio, -1).astype(np.float32),
                     text=text.decode() if isinstance(text, bytes) else str(text))
 
 def save_demo(path, actions, views, task_emb, task_emb_key, text="", upside_down=True):
@@ -118,9 +116,9 @@ def held_out(n_demos, val_fraction=0.1):
 
 class LiberoDataset(torch.utils.data.Dataset):
     """Windows of `window` frames of LIBERO demos (Sec. A), split by demo (held_out); an item is a function of (seed,
-    split, index). train: every start, in a random order per epoch, tracks half non-static; val: a start every `window`
-    frames, non-static tracks first. view=None: image [V, 3, S, S], frame [V, S, S, 3], tracks [V, N, n_frames, 2],
-    visible, task_emb, timestep, episode_len, demo, actions [action_chunk, 7]; view=a view or "both": TrackDataset's."""
+    split, index). train: every start, shuffled per epoch, half the tracks moving; val: a start every `window` frames,
+    moving tracks first. view=None: image [V, 3, S, S], frame [V, S, S, 3], tracks [V, N, n_frames, 2], visible,
+    task_emb, timestep, episode_len, proprio, demo, actions [action_chunk, 7]; a view or "both": TrackDataset's."""
     def __init__(self, source, split="train", n_frames=64, window=16, n_tracks=32, image_size=224, action_chunk=16,
                  seed=0, length=None, view=None, n_enc=None, n_dec=None):
         paths = find_demos(source)
@@ -166,8 +164,7 @@ class LiberoDataset(torch.utils.data.Dataset):
             return dict({key: torch.stack([p[key] for p in parts]) for key in parts[0]},
                         task_emb=torch.from_numpy(demo["task_emb"]), timestep=torch.tensor(int(start)),
                         episode_len=torch.tensor(int(T)), actions=torch.from_numpy(demo["actions"][chunk]),
-                        proprio=torch.from_numpy(demo["proprio"][start]),
-                        demo=int(k), text=demo["text"], index=index)
+                        proprio=torch.from_numpy(demo["proprio"][start]), demo=int(k), text=demo["text"], index=index)
         raise ValueError(f"{self.source}: no usable window in 8 tries for item {index}")
 
     def view_window(self, data, start, rng):
@@ -208,11 +205,10 @@ def robot_parts(ep, t, x, y):
     """Index into ROBOT_PARTS of what is on top at world points (x, y) (agent-view pixels) at frames t (broadcast)."""
     g, b = ep["gripper"][t], ep["blocks"][t]
     on = [(np.abs(x - b[..., k, 0]) <= BLOCK) & (np.abs(y - b[..., k, 1]) <= BLOCK) for k in (0, 1)]
-    part = np.where(on[0], 1, np.where(on[1], 2, 0))   # the target block over the other
     dx, dy, half = x - g[..., 0], y - g[..., 1], finger_gap(ep["open"][t]) / 2
     body = ((np.abs(dx) <= half + FINGER) & (dy >= -12) & (dy < -8)) | ((np.abs(dx) <= 3) & (dy >= -16) & (dy < -12))
     finger = (dy >= -8) & (dy <= 5) & (np.abs(dx) >= half) & (np.abs(dx) <= half + FINGER)
-    return np.where(finger, np.where(dx < 0, 4, 5), np.where(body, 3, part))
+    return np.select([finger & (dx < 0), finger, body, on[0], on[1]], [4, 5, 3, 1, 2], 0)   # the first on top
 
 def robot_episode(seed, frames=(64, 96)):
     """One scripted episode in upright agent-view pixels: gripper [T, 2], open [T], blocks [T, 2, 2] (target, other),
@@ -224,23 +220,19 @@ def robot_episode(seed, frames=(64, 96)):
     target, other = (str(c) for c in rng.permutation(("red", "green", "blue", "yellow"))[:2])
     d, dist = np.array(ROBOT_MOVES[move], float), rng.uniform(20, 36)
     offset = np.zeros(2) if verb == "carry" else -d * (BLOCK + REACH[move] + 1)  # grasp point - block centre
-    def inside(p, margin):
-        return bool(np.all((p >= margin) & (p <= ROBOT_SIZE - 1 - margin)))
-    while True:
+    while True:   # the block's goal 20 px, the grasp point's path 16 px inside the image
         block = rng.uniform(20, ROBOT_SIZE - 21, 2)
-        if inside(block + d * dist, 20) and inside(block + offset, 16) and inside(block + offset + d * dist, 16):
+        ends = ((block + d * dist, 20), (block + offset, 16), (block + offset + d * dist, 16))
+        if all(np.all((p >= margin) & (p <= ROBOT_SIZE - 1 - margin)) for p, margin in ends):
             break
     while True:  # the other block stays clear of the target block's path
         spare = rng.uniform(16, ROBOT_SIZE - 17, 2)
         if np.linalg.norm(spare - block - np.clip((spare - block) @ d, 0, dist) * d) > 4 * BLOCK:
             break
-    # the approach's length makes the script (paths at ROBOT_STEP plus 4 + 3 still frames) fill about T - 8 frames
-    approach = np.clip(ROBOT_STEP * (T - 15) - dist - 12, 8, 64)
+    approach = np.clip(ROBOT_STEP * (T - 15) - dist - 12, 8, 64)   # so that the script fills about T - 8 frames
     g = np.clip(block + offset + random_vector(rng, approach), 16, ROBOT_SIZE - 17)
-    blocks, openness, phase, wait, goal = np.stack([block, spare]), 1.0, "approach", 0, g
-    rows = []   # (gripper, open, blocks, action) of every frame
+    blocks, openness, phase, wait, goal, rows = np.stack([block, spare]), 1.0, "approach", 0, g, []
     for _ in range(T):
-        state = (g, openness, blocks.copy())
         hold = blocks[0] + offset
         if phase == "approach" and np.linalg.norm(hold - g) < 0.5:
             phase, wait = "grip", 4
@@ -256,12 +248,10 @@ def robot_episode(seed, frames=(64, 96)):
         velocity = (aim - g) * min(1.0, ROBOT_STEP / max(np.linalg.norm(aim - g), 1e-9))
         action = np.concatenate([velocity / ROBOT_SPEED + rng.normal(0, 0.02, 2), rng.normal(0, 0.02, 4), [grip]])
         action = np.clip(action, -1, 1).astype(np.float32)
+        rows.append((g, openness, blocks.copy(), action))
         step = ROBOT_SPEED * action[:2].astype(np.float64)  # the stored action is exactly the motion
-        g = g + step
-        if phase == "move":
-            blocks[0] = blocks[0] + step
+        g, blocks[0] = g + step, (blocks[0] + step if phase == "move" else blocks[0])   # a moved block rides along
         openness = float(np.clip(openness - 0.25 * grip, 0, 1))
-        rows.append(state + (action,))
     table = rng.uniform([120, 85, 50], [200, 160, 120]) * (0.55 + 0.7 * smooth_noise(rng, 448, 448, 1, (16, 4)))
     edge = np.abs(np.mgrid[-14:15, -14:15]).max(0) >= 13  # a dark outline one pixel wide
     tiles = [np.array(COLORS[c]) * (0.7 + 0.45 * smooth_noise(rng, 29, 29, 1, (6, 3))) * (1 - 0.45 * edge[..., None])
