@@ -267,14 +267,12 @@ def render_scene(scene, H, W, frames):
 def scene_tracks(scene, query, H, W):
     """First-frame points [N, 2] -> exact tracks [T, N, 2] riding the topmost layer under them, visibility [T, N]."""
     pan, shapes = scene["pan"], scene["shapes"]
-    local = [to_local(shape, pan, slice(0, 1), query[None, :, 0], query[None, :, 1]) for shape in shapes]
-    owner = np.full(len(query), -1)  # layer index; -1 = background
-    for k, shape in enumerate(shapes):
-        owner[SHAPES[shape["kind"]](*local[k])[0]] = k
-    tracks = query[None] - pan[:1, None] + pan[:, None]
-    for k, shape in enumerate(shapes):
-        mine = owner == k
-        tracks[:, mine, 0], tracks[:, mine, 1] = to_screen(shape, pan, slice(None), *(v[:, mine] for v in local[k]))
+    tracks, owner = query[None] - pan[:1, None] + pan[:, None], np.full(len(query), -1)   # owner: -1 = background
+    for k, shape in enumerate(shapes):   # back to front: a later shape takes the points it covers
+        lx, ly = to_local(shape, pan, slice(0, 1), query[None, :, 0], query[None, :, 1])
+        mine = SHAPES[shape["kind"]](lx, ly)[0]
+        owner[mine] = k
+        tracks[:, mine, 0], tracks[:, mine, 1] = to_screen(shape, pan, slice(None), lx[:, mine], ly[:, mine])
     x, y = tracks[..., 0], tracks[..., 1]
     visible = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)   # on screen, and not under a later layer
     for k, shape in enumerate(shapes):
@@ -337,15 +335,14 @@ def draw_tracks(image, tracks_px, colors=None, visible=None, upto=None, width=1,
     last = T - 1 if upto is None else int(upto)
     picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     draw = ImageDraw.Draw(picture)
-    for extra, black in ((2, True), (0, False)) if outline else ((0, False),):
+    for extra, paint in ((2, [[(0, 0, 0)] * T] * N), (0, colors)) if outline else ((0, colors),):   # outline first
         for n in range(N):
             for t in range(1, last + 1):
                 if ok[n, t - 1] and ok[n, t]:
-                    draw.line([tuple(tracks[n, t - 1]), tuple(tracks[n, t])], width=width + extra,
-                              fill=(0, 0, 0) if black else tuple(colors[n][t]))
+                    draw.line([*tracks[n, t - 1], *tracks[n, t]], width=width + extra, fill=tuple(paint[n][t]))
             if upto is not None and dot and ok[n, last]:
                 (x, y), r = tracks[n, last], dot + extra / 2
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 0, 0) if black else tuple(colors[n][last]))
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(paint[n][last]))
     return np.asarray(picture)
 
 def resize(frame, height, width):
@@ -400,8 +397,7 @@ class TrackDataset(torch.utils.data.Dataset):
                 name, clip = "synthetic", self.made.get(key)
                 if clip is None:   # (with a pool: made once, its frame prepared once)
                     clip = make_synthetic_clip(key, self.n_frames, *self.synth_size, self.synth_tracks, "first")
-                    clip.update(image=prepare_image(clip["video"][0], self.image_size),
-                                size=clip.pop("video").shape[1:3])
+                    clip.update(image=prepare_image(clip.pop("video")[0], self.image_size), size=self.synth_size)
                     self.made.update({key: clip} if self.pool else {})
             else:
                 epoch, position = divmod(index, len(self.refs))
