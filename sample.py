@@ -165,7 +165,7 @@ def main(argv=None):
     device = setup_distributed(args.device)[2]
     set_threads(args.threads) if device.type == "cpu" else None
     vae, planner = load_pair(args.planner, args.vae, device)
-    T, S, clip_path = vae.cfg.n_frames, vae.cfg.image_size, args.clip or args.from_tracks
+    T, clip_path = vae.cfg.n_frames, args.clip or args.from_tracks
     clip = load_clip(clip_path) if clip_path else None if args.image else \
         make_synthetic_clip(args.scene, T, 256, 256, vae.cfg.synth_tracks, render="first")
     frame = read_image(args.image) if args.image else clip["video"][0]
@@ -182,7 +182,7 @@ def main(argv=None):
     query_px = np.concatenate([pokes_px[:, :2], query_px, grid_points(grid, W, H)]).astype(np.float32)
     if len(query_px) == 0:
         raise ValueError("no points to decode: give --poke, --query or --grid N (N > 0)")
-    P, image, dense = len(pokes_px), prepare_image(frame, S)[1], args.dense or bool(args.from_tracks)
+    P, image, dense = len(pokes_px), prepare_image(frame, vae.cfg.image_size)[1], args.dense or bool(args.from_tracks)
     if planner.cfg.task != "open" or (args.text and planner.text_proj is None) or (
             P > planner.cfg.max_pokes and not planner.cfg.null_token):
         raise ValueError(f"--planner {args.planner}: " + ("a LIBERO planner (eval.py libero, policy.py)" if
@@ -214,8 +214,7 @@ def main(argv=None):
     movie, pictures = panels[1:] + panels[-1:] * max(2, T // 4), {"samples.png": panels[0]}   # the last frame stays
     files = {"samples.npz": dict(tracks=tracks_px, pokes=pokes_px, query=query_px, image=frame)}
     if dense:
-        start = time.perf_counter()
-        joint = vae.cfg.decoder_attention == "joint"
+        start, joint = time.perf_counter(), vae.cfg.decoder_attention == "joint"
         chunk = args.chunk or (vae.cfg.n_enc + vae.cfg.n_dec if joint else 2048)
         if joint:
             n = -(-args.dense_size ** 2 // chunk)
