@@ -15,23 +15,22 @@ from vae import PRESETS as VAE_PRESETS, Attention, TrackVAE, VAEConfig
 
 def count_flops(models, fn):
     """Run fn() once: its forward FLOPs in the modules of `models`, from shapes, as [trainable, frozen] modules'."""
-    counts = [0, 0]
-
+    counts, linear = [0, 0], (torch.nn.Linear, torch.nn.Conv2d)
     def hook(module, args, kwargs, out):
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):   # weight[0].numel(): MACs per output
+        if isinstance(module, linear):        # weight[0].numel(): MACs per output
             flops = 2 * out.numel() * module.weight[0].numel()
         elif isinstance(module, Attention):   # x [B, L, d] attends to ctx [B, S, .] (+ extra keys)
             x, ctx, extra = args[0], kwargs.get("ctx", args[2] if len(args) > 2 else None), kwargs.get("extra_kv")
             keys = (x if ctx is None else ctx).shape[1] + (0 if extra is None else extra[0].shape[2])
             flops = 4 * x.shape[0] * x.shape[1] * keys * module.out.out_features
         else:                                 # DINOv2's self-attention (transformers): hidden states [B, L, d]
-            h = args[0] if args else kwargs["hidden_states"]
-            flops = 4 * h.shape[0] * h.shape[1] ** 2 * h.shape[2]
+            B, L, d = (args[0] if args else kwargs["hidden_states"]).shape
+            flops = 4 * B * L * L * d
         weight = next(module.parameters(), None)
         counts[int(weight is None or not weight.requires_grad)] += flops
     with contextlib.ExitStack() as hooks:   # removed on the way out, whatever fn() does
         for m in (m for model in models for m in model.modules()):
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or type(m).__name__.endswith("Attention"):
+            if isinstance(m, linear) or type(m).__name__.endswith("Attention"):
                 hooks.enter_context(m.register_forward_hook(hook, with_kwargs=True))
         fn()
     return counts
@@ -44,12 +43,11 @@ def peak_mb(device):
 
 def timed(fn, device, budget_s):
     """The median time of fn() over repeats filling budget_s (at least one); the caller warms up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     while not times or sum(times) < budget_s and len(times) < 50:
         start = time.perf_counter()
         fn()
-        sync()
+        torch.cuda.synchronize() if device.type == "cuda" else None
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -73,42 +71,35 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
     z = torch.randn(B, vae.n_latents, vcfg.latent_channels, generator=g).to(device)
     pokes = torch.rand(B, pcfg.max_pokes, 5, generator=g).to(device) * 2 - 1
     pokes[..., 4] = pokes[..., 4].abs()
-    out = []
-
+    out = {}
+    def record(key, name, s, flops, frames, points, peak, note=""):   # -> out[key], the row's numbers per second
+        out[key] = dict(key=key, name=name, ms=1000 * s, samples_per_s=B / s, frames_per_s=B * frames / s or None,
+                        point_frames_per_s=B * frames * points / s or None, peak_mb=peak, gflop=flops / 1e9,
+                        flops_per_s=flops / s, mfu=flops / s / reference, note=note)
     def row(key, name, fn, models, frames=0, points=0, train=False, scale=1.0, fixed=None, note=""):
-        """train: fn returns models[0]'s loss and the row is one AdamW step of its trainable weights. scale: fn did
-        1 / scale of the work beyond fixed() (the part that does not scale), timed and counted too."""
+        """train: fn -> models[0]'s loss, timed as an AdamW step; scale: fn did 1 / scale of the work beyond fixed()."""
         if rows and key not in rows:
             return
-        if train:
+        if train:   # one step of its trainable weights, with trainer.train's optimiser
             models[0].train().image_encoder.requires_grad_(not models[0].cfg.freeze_image_encoder)
             opt, loss = torch.optim.AdamW([p for p in models[0].parameters() if p.requires_grad], lr=1e-5,
-                                          fused=device.type in ("cpu", "cuda")), fn   # as trainer.train
-
-            def fn():
-                loss().backward()
-                opt.step(), opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+                                          fused=device.type in ("cpu", "cuda")), fn
+            fn = lambda: (loss().backward(), opt.step(), opt.zero_grad(set_to_none=True))   # noqa: E731
+        torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
         with autocast(device), torch.set_grad_enabled(train):
             trainable, frozen = count_flops(models, fn)
             flops, s = (3 if train else 1) * trainable + frozen, timed(fn, device, budget)
             if scale != 1:
                 flops_0, s_0 = sum(count_flops(models, fixed)), timed(fixed, device, budget)
                 flops, s = flops_0 + (flops - flops_0) * scale, s_0 + max(s - s_0, 0.0) * scale   # (noise: never < 0)
-        out.append(dict(key=key, name=name, ms=1000 * s, samples_per_s=B / s, frames_per_s=B * frames / s or None,
-                        point_frames_per_s=B * frames * points / s or None, peak_mb=peak_mb(device), gflop=flops / 1e9,
-                        flops_per_s=flops / s, mfu=flops / s / reference, note=note))
+        record(key, name, s, flops, frames, points, peak_mb(device), note)
         print(f"  {name}: {1000 * s:.1f} ms {note}", file=sys.stderr)
-        return out[-1]
-
     row("encode", f"VAE encode ({vcfg.n_enc} tracks x {T} frames)", lambda: vae.encode(image, tracks[:, :vcfg.n_enc]),
         [vae], T, vcfg.n_enc)
-    decode = row("decode", f"VAE decode ({n_points} points)", lambda: vae.decode(z, image, tracks[:, :, 0]), [vae], T,
-                 n_points)
+    row("decode", f"VAE decode ({n_points} points)", lambda: vae.decode(z, image, tracks[:, :, 0]), [vae], T, n_points)
     for side in (64, 224):   # Sec. C: every pixel; a row too slow for this device is timed on fewer points and scaled
         n = side * side
-        q = n if decode is None else max(64, min(n, int(max_row_s / (decode["ms"] / 1000 / n_points))))
+        q = n if "decode" not in out else max(64, min(n, int(max_row_s / (out["decode"]["ms"] / 1000 / n_points))))
         query = (torch.rand(B, q, 2, generator=g) * 2 - 1).to(device)
         row(f"dense{side}", f"VAE decode_dense {side}x{side} ({n} points)",
             lambda: vae.decode(z, image, query, chunk=2048), [vae], T, n, scale=n / q,
@@ -121,19 +112,17 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
     x = torch.randn(B, planner.n_latents, pcfg.latent_channels, generator=g).to(device)
     row("velocity", f"planner velocity (1 network evaluation, {pcfg.max_pokes} pokes)",
         lambda: planner.velocity(x, t, cond), [planner])
-    sample = row("sample", f"planner sample ({steps} steps, latents of {T} frames)",
-                 lambda: planner.sample(image, pokes, steps=steps, generator=torch.Generator()), [planner], T)
+    row("sample", f"planner sample ({steps} steps, latents of {T} frames)",
+        lambda: planner.sample(image, pokes, steps=steps, generator=torch.Generator()), [planner], T)
     loss = make_loss(planner, vae, pcfg)
     batch = dict(image=image, tracks=tracks, text=[""] * B, rng=SampleRandom(range(B), device=device))
     row("train_planner", f"planner training step (batch {B}, with the frozen VAE encode)",
         lambda: loss(planner, batch)[0], [planner, vae], T, train=True)
-    if sample and decode:   # the paper's timesteps per second: a sample decoded at the clip's points
-        s, flops = (sample["ms"] + decode["ms"]) / 1000, (sample["gflop"] + decode["gflop"]) * 1e9
-        out.append(dict(key="generate", name=f"generate = sample + decode {n_points} points (sum of rows)", ms=1000 * s,
-                        samples_per_s=B / s, frames_per_s=B * T / s, point_frames_per_s=B * T * n_points / s,
-                        peak_mb=max(sample["peak_mb"], decode["peak_mb"]), gflop=flops / 1e9, flops_per_s=flops / s,
-                        mfu=flops / s / reference, note=""))
-    return out, reference
+    if "sample" in out and "decode" in out:   # the paper's timesteps per second: a sample decoded at the clip's points
+        a, b = out["sample"], out["decode"]
+        record("generate", f"generate = sample + decode {n_points} points (sum of rows)", (a["ms"] + b["ms"]) / 1000,
+               (a["gflop"] + b["gflop"]) * 1e9, T, n_points, max(a["peak_mb"], b["peak_mb"]))
+    return list(out.values()), reference
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,10 +140,9 @@ def main(argv=None):
     try:
         if min(args.batch, args.steps, args.threads or 1) < 1 or args.budget < 0:
             raise ValueError("--batch, --steps and --threads: expected positive integers, --budget >= 0")
-        if args.json:
-            check_output(args.json, "--json")
+        check_output(args.json, "--json") if args.json else None
         device = setup_distributed(args.device)[2]
-        set_threads(args.threads or 0)
+        set_threads(args.threads)
         rows, reference = benchmark(args.preset, device, args.batch, args.budget, args.steps, args.max_row_s,
                                     args.matmul_size, args.rows and args.rows.split(","))
     except ValueError as e:
