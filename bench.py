@@ -84,7 +84,9 @@ def benchmark(preset, device, batch=1, budget=2.0, steps=10, max_row_s=60.0, mat
             models[0].train().image_encoder.requires_grad_(not models[0].cfg.freeze_image_encoder)
             opt, loss = torch.optim.AdamW([p for p in models[0].parameters() if p.requires_grad], lr=1e-5,
                                           fused=device.type in ("cpu", "cuda")), fn
-            fn = lambda: (loss().backward(), opt.step(), opt.zero_grad(set_to_none=True))   # noqa: E731
+            def fn():
+                loss().backward()
+                opt.step(), opt.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
         with autocast(device), torch.set_grad_enabled(train):
             trainable, frozen = count_flops(models, fn)
