@@ -8,7 +8,6 @@ import argparse, itertools, json, os, warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (SPLITS, check_output, find_clips, is_static, load_ref, make_synthetic_clip, pixels_to_unit,
@@ -22,8 +21,7 @@ def to_pixels(u, size):
     return (u.double() + 1) / 2 * size
 
 def pck(pred, gt, res=256, thresholds=(1, 2, 4, 8, 16), mask=None):
-    """Percentage of correct keypoints (Tables G, H). pred, gt [..., N, T, 2]; mask [..., N, T] picks point-frames.
-    d = |p_pred - p_gt| at res x res; delta_thr = 100 #{d <= thr} / #mask; delta_avg = their mean over thresholds."""
+    """PCK (Tables G, H): pred, gt [..., N, T, 2] -> {delta_thr: % of mask's point-frames within thr px, delta_avg}."""
     assert pred.shape == gt.shape and gt.shape[-1] == 2, f"pred {list(pred.shape)} and gt {list(gt.shape)}"
     dist = (to_pixels(pred, res - 1) - to_pixels(gt, res - 1)).norm(dim=-1)
     mask = torch.ones_like(dist, dtype=torch.bool) if mask is None else mask.to(dist.device).bool().expand_as(dist)
@@ -32,8 +30,7 @@ def pck(pred, gt, res=256, thresholds=(1, 2, 4, 8, 16), mask=None):
     return {"delta_avg": sum(out.values()) / len(out), **out}
 
 def trajectory_mse(pred, gt, res=128):
-    """Min / Mean / Single / MeanT MSE over K samples (WHN, Table E). pred [..., K, N, T, 2], gt [..., N, T, 2]; with
-    mse_k = mean_(n,t,c) (p_pred[k] - p_gt)^2: min_k, mean_k, mse_0, the mean trajectory's MSE (<= mean), per clip."""
+    """Min / Mean / Single (k = 0) / MeanT (mean path) MSE (WHN, Table E): pred [..., K, N, T, 2], gt [..., N, T, 2]."""
     assert pred.dim() == gt.dim() + 1 and pred.shape[-3:] == gt.shape[-3:], f"pred {list(pred.shape)} gt {gt.shape}"
     p, g = to_pixels(pred, res), to_pixels(gt, res)
     mse_k = ((p - g.unsqueeze(-4)) ** 2).mean(dim=(-3, -2, -1))
@@ -54,10 +51,9 @@ def diversity(pred, res=128):
     return float((p[..., first, :, :, :] - p[..., second, :, :, :]).norm(dim=-1).mean()) if K > 1 else 0.0
 
 def direction_cosine(pred, gt):
-    """Does one sample move the way the truth does? The cosine of d_pred and d_gt, d = mean_n x[n, T-1] - x[n, 0],
-    averaged over clips (1 the same way, 0 unrelated)."""
+    """The cosine of d_pred and d_gt, d = mean_n x[n, T-1] - x[n, 0], over clips (1: the same way, 0: unrelated)."""
     d_pred, d_gt = ((x[..., -1, :] - x[..., 0, :]).double().mean(-2) for x in (pred, gt))
-    return float(F.cosine_similarity(d_pred, d_gt, dim=-1).mean())
+    return float(torch.cosine_similarity(d_pred, d_gt, dim=-1).mean())
 
 # ------------------------------------------------------- Baselines (Sec. A: on the same evaluation tracks as the model)
 def static_baseline(start_xy, T):
@@ -65,16 +61,14 @@ def static_baseline(start_xy, T):
     return start_xy.unsqueeze(-2).expand(*start_xy.shape[:-1], T, 2).clone()
 
 def nearest_neighbour_baseline(enc_tracks, query_xy):
-    """Each query point [..., Q, 2] copies the motion of the encoded track [..., N_e, T, 2] that starts nearest to it
-    (ties: the lowest index): out[q, t] = query[q] + enc[j(q), t] - enc[j(q), 0]. Exact for a rigid translation."""
+    """Query points [..., Q, 2] copy the motion of the encoded track [..., N_e, T, 2] starting nearest (ties: first)."""
     nearest = ((query_xy.unsqueeze(-2) - enc_tracks[..., 0, :].unsqueeze(-3)) ** 2).sum(-1).argmin(-1)   # [..., Q]
     index = nearest[..., None, None].expand(*nearest.shape, enc_tracks.shape[-2], 2)
     return query_xy.unsqueeze(-2) + (enc_tracks - enc_tracks[..., :1, :]).gather(-3, index)
 
 def straight_to_poke_baseline(start_xy, pokes, poke_index, T):
-    """Poked points move in a straight line to their goal at constant speed, then stay; the rest stay still.
-    start_xy [..., N, 2], pokes [..., P, 5] (x0, y0, x1, y1, t), poke_index [..., P] (each point poked once). With
-    the goal frame f = round(t (T - 1)): a(j) = j / f for j < f, else 1; out[n, j] = (1 - a) (x0, y0) + a (x1, y1)."""
+    """Poked points go straight to their goal at constant speed, then stay; the rest stay still. start_xy [..., N, 2],
+    pokes [..., P, 5] (x0, y0, x1, y1, t), poke_index [..., P] (each once); the goal frame f = round(t (T - 1))."""
     assert (poke_index.sort(-1).values.diff(dim=-1) > 0).all(), "straight_to_poke_baseline: a point poked twice"
     frames, goal_frame = torch.arange(T, dtype=pokes.dtype, device=pokes.device), torch.round(pokes[..., 4:5] * (T - 1))
     a = torch.where(frames >= goal_frame, 1.0, frames / goal_frame.clamp(min=1)).unsqueeze(-1)      # [..., P, T, 1]
@@ -91,33 +85,30 @@ def evaluation_items(source, T, count, pick, cfg, seed=0):
     """The first window of T frames of each clip as dict(image, tracks [N, T, 2], visible [N, T], text) -> pick(item,
     index) -> an item or None (the protocol's needs unmet), until count; cfg: the VAE's; bad clips skipped, warned."""
     refs = None if source == "synthetic" else find_clips(os.fspath(source))
-    items, looked = [], 0
-    with tqdm(total=count, desc="clips", leave=False) as bar:
-        while len(items) < count and looked < (20 * count + 100 if refs is None else len(refs)):
-            try:
-                clip = make_synthetic_clip((seed, looked, SPLITS["eval"]), T, 256, 256, cfg.synth_tracks, "first") \
-                    if refs is None else load_ref(refs[looked])
-                assert len(clip["tracks"]) >= T, f"{refs[looked]}: {len(clip['tracks'])} frames, a window needs {T}"
-                (H, W), tracks = clip["video"].shape[1:3], clip["tracks"][:T].transpose(1, 0, 2)
-                item = pick(dict(image=prepare_image(clip["video"][0], cfg.image_size)[1], text=clip["text"],
-                                 tracks=torch.from_numpy(pixels_to_unit(tracks, W, H).astype(np.float32)),
-                                 visible=torch.from_numpy(clip["visibility"][:T].T)), looked)
-            except (ValueError, AssertionError) as e:
-                item = warnings.warn(f"skipping a clip: {e}")
-            looked += 1
-            if item is not None:
-                items.append(item)
-                bar.update(1)
+    n = 20 * count + 100 if refs is None else len(refs)
+
+    def read(i):   # clip i's item, picked; None (warned) where it has no usable window
+        try:
+            clip = make_synthetic_clip((seed, i, SPLITS["eval"]), T, 256, 256, cfg.synth_tracks, "first") \
+                if refs is None else load_ref(refs[i])
+            assert len(clip["tracks"]) >= T, f"{refs[i]}: {len(clip['tracks'])} frames, a window needs {T}"
+            (H, W), tracks = clip["video"].shape[1:3], clip["tracks"][:T].transpose(1, 0, 2)
+            return pick(dict(image=prepare_image(clip["video"][0], cfg.image_size)[1], text=clip["text"],
+                             tracks=torch.from_numpy(pixels_to_unit(tracks, W, H).astype(np.float32)),
+                             visible=torch.from_numpy(clip["visibility"][:T].T)), i)
+        except (ValueError, AssertionError) as e:
+            warnings.warn(f"skipping a clip: {e}")
+    usable = (item for item in map(read, range(n)) if item is not None)
+    items = list(tqdm(itertools.islice(usable, count), total=count, desc="clips", leave=False))   # (reads until count)
     if not items:
-        raise ValueError(f"--data {source}: none of the {looked} clips read has a window of {T} frames with the "
+        raise ValueError(f"--data {source}: none of the {n} clips read has a window of {T} frames with the "
                          "tracks the protocol needs (see the warnings above)")
     return items
 
 # -------------------------------------------------------------------- recon: the VAE's reconstruction PCK (Tables G, H)
 @torch.no_grad()
 def recon_scores(vae, items, visible_only=False, batch=8):
-    """items: image [3, S, S], tracks [n_enc + n_dec, T, 2] (the first n_enc encoded, the rest held out), visible.
-    -> ({method: {AE | MAE: pck}}, predictions): the VAE, static, and nearest neighbour (from the encoded tracks)."""
+    """items' tracks [n_enc + n_dec, T, 2] -> ({VAE | static | nearest_neighbour: {AE | MAE: pck}}, the VAE's)."""
     device, n_enc = next(vae.parameters()).device, vae.cfg.n_enc
     gt, visible, images = (torch.stack([it[k] for it in items]) for k in ("tracks", "visible", "image"))
     pred = torch.cat([vae.decode(vae.encode(image, tracks[:, :n_enc])[0], image, tracks[:, :, 0]).float().cpu()
@@ -129,8 +120,7 @@ def recon_scores(vae, items, visible_only=False, batch=8):
     return dict(scores, nearest_neighbour={"MAE": score(nearest, parts["MAE"])}), pred
 
 def vae_scores(model, items, out_png=None):
-    """The VAE's validation: recon's AE and MAE PCK at 256 px (Tables G, H) beside the nearest-neighbour and static
-    baselines; a picture of truth (left) and reconstruction (right)."""
+    """The VAE's validation: recon's PCK (Tables G, H) and its baselines; a picture of truth | reconstruction."""
     scores, pred = recon_scores(model, items)
     if out_png:
         track_picture(out_png, [it["frame"] for it in items[:4]], [[it["tracks"] for it in items[:4]], pred[:4]])
@@ -154,9 +144,8 @@ def cmd_recon(args):
 
 # ----------------------------------------------- tracks: trajectories from pokes or text (Sec. A; Fig. K's steps sweep)
 def track_items(items, n_tracks=40, seed=0, moving=True):
-    """Sec. A's evaluation tracks: n_tracks visible in the first frame of each item (image, tracks [N, T, 2], visible
-    [N, T], text), non-static first in data.select_eval_tracks's order (pokes from the first n). moving: items with
-    fewer than n_tracks non-static tracks are left out (else every item keeps as many as the poorest has)."""
+    """Sec. A's n_tracks evaluation tracks (data.select_eval_tracks) of each item -> dict(image, gt [n, T, 2], text).
+    moving: items with fewer moving tracks are left out (else all keep as many as the poorest has)."""
     picked = [(it, select_eval_tracks(it["tracks"].numpy(), it["visible"].numpy(), n_tracks, seed + i))
               for i, it in enumerate(items)]
     if moving:
@@ -167,52 +156,47 @@ def track_items(items, n_tracks=40, seed=0, moving=True):
 @torch.no_grad()
 def track_rows(planner, vae, items, settings, k=8, steps=(10,), guidance=1.0, poke_guidance=0.0, text=False, seed=0,
                batch=4):
-    """K samples per item decoded at its tracks' start points, per step count and poke count in settings (0 = none;
-    the first n tracks poked to their last-frame positions): Min/Mean/Single/MeanT MSE, EPE (poked), unpoked Min-MSE,
-    diversity; beside static, straight-to-the-poke and the VAE's floor (its reconstruction from the first n_enc tracks,
-    poked ones first: about the nearest a latent comes) on the same tracks and pokes. The same noise for every setting."""
+    """Rows of Min/Mean/Single/MeanT MSE, EPE, unpoked Min-MSE, diversity of K samples per item, per steps and pokes n
+    in settings (the first n tracks to their last frame), the same noise; beside static, straight-to-poke, VAE floor."""
     device, gt = next(planner.parameters()).device, torch.stack([it["gt"] for it in items])
     T, rows, parts = gt.shape[2], [], [slice(i, i + batch) for i in range(0, len(items), batch)]
-    floor = []
-    for part in parts:
-        image = torch.stack([it["image"] for it in items[part]]).to(device)
-        with autocast(device):   # (the DINOv2 tokens once, for encoder and decoder)
-            tokens, enc = vae.image_tokens(image), resample_time(gt[part, :vae.cfg.n_enc], vae.cfg.n_frames).to(device)
-            z = vae.encode(image, enc, image_tokens=tokens)[0]
-            floor.append(to_window(vae.decode(z, image, gt[part, :, 0].to(device), image_tokens=tokens).float().cpu(), T))
+    rep = lambda x: x.repeat_interleave(k, 0).to(device)   # noqa: E731  (item b's K samples are rows b K .. b K + K-1)
+    images, floor = [torch.stack([it["image"] for it in items[part]]).to(device) for part in parts], []
+    enc = resample_time(gt[:, :vae.cfg.n_enc], vae.cfg.n_frames)
+    with autocast(device):   # the DINOv2 tokens once, for the encoder and every decode
+        tokens = [vae.image_tokens(image) for image in images]
+        for part, image, tok in zip(parts, images, tokens):
+            z = vae.encode(image, enc[part].to(device), image_tokens=tok)[0]
+            floor.append(to_window(vae.decode(z, image, gt[part, :, 0].to(device), image_tokens=tok).float().cpu(), T))
 
-    def metrics(pred, n):    # pred [clips, K, N, T, 2]
-        return dict(trajectory_mse(pred, gt), epe=endpoint_error(pred, gt, n) if n else None, diversity=diversity(pred),
+    def row(method, n, pred, n_steps=None):    # pred [clips, K, N, T, 2]
+        return dict(method=method, steps=n_steps, pokes=n, **trajectory_mse(pred, gt),
+                    epe=endpoint_error(pred, gt, n) if n else None, diversity=diversity(pred),
                     min_unpoked=trajectory_mse(pred[..., n:, :, :], gt[:, n:])["min"] if n < gt.shape[1] else None)
     pokes = {n: torch.stack([sample_pokes(g, n) for g in gt]) for n in settings}
     for n in settings:
-        rows.append(dict(method="static", steps=None, pokes=n, **metrics(static_baseline(gt[:, :, 0], T)[:, None], n)))
+        rows.append(row("static", n, static_baseline(gt[:, :, 0], T)[:, None]))
         if n:
             straight = straight_to_poke_baseline(gt[:, :, 0], pokes[n], torch.arange(n).expand(len(gt), n), T)
-            rows.append(dict(method="straight_to_poke", steps=None, pokes=n, **metrics(straight[:, None], n)))
-        rows.append(dict(method="vae_floor", steps=None, pokes=n, **metrics(torch.cat(floor)[:, None], n)))
-    rep = lambda x: x.repeat_interleave(k, 0).to(device)   # noqa: E731  (item b's K samples are rows b K .. b K + K-1)
-    for n_steps in steps:
-        for n in settings:
-            preds = []
-            for b, part in enumerate(parts):
-                image = torch.stack([it["image"] for it in items[part]])
-                poke = rep(pokes[n][part]) if n else None
-                with autocast(device):
-                    tokens = rep(vae.image_tokens(image.to(device)))
-                    guide = PokeGuide(planner, vae, rep(image), poke, strength=poke_guidance,
-                                      image_tokens=tokens) if poke_guidance and n else None
-                    z = planner.sample(rep(image), pokes=poke, steps=n_steps, cfg=guidance,
-                                       text=[it["text"] for it in items[part] for _ in range(k)] if text else None,
-                                       generator=torch.Generator().manual_seed(seed * 1_000_003 + b), guide=guide)
-                    pred = vae.decode(z, rep(image), rep(gt[part, :, 0]), image_tokens=tokens).float().cpu()
-                preds.append(to_window(pred, T).reshape(-1, k, *gt.shape[1:]))
-            rows.append(dict(method="planner", steps=n_steps, pokes=n, **metrics(torch.cat(preds), n)))
+            rows.append(row("straight_to_poke", n, straight[:, None]))
+        rows.append(row("vae_floor", n, torch.cat(floor)[:, None]))
+    for n_steps, n in itertools.product(steps, settings):
+        preds = []
+        for b, (part, image, tok) in enumerate(zip(parts, images, tokens)):
+            image, tok, poke = rep(image), rep(tok), rep(pokes[n][part]) if n else None
+            with autocast(device):
+                guide = PokeGuide(planner, vae, image, poke, strength=poke_guidance,
+                                  image_tokens=tok) if poke_guidance and n else None
+                z = planner.sample(image, pokes=poke, steps=n_steps, cfg=guidance,
+                                   text=[it["text"] for it in items[part] for _ in range(k)] if text else None,
+                                   generator=torch.Generator().manual_seed(seed * 1_000_003 + b), guide=guide)
+                pred = vae.decode(z, image, rep(gt[part, :, 0]), image_tokens=tok).float().cpu()
+            preds.append(to_window(pred, T).reshape(-1, k, *gt.shape[1:]))
+        rows.append(row("planner", n, torch.cat(preds), n_steps))
     return rows
 
 def planner_scores(planner, vae, items, k=8, steps=10):
-    """The open planner's validation: Min-MSE with 1, 4 and 16 pokes (and EPE), text only, and none (null), beside
-    static and straight-to-the-poke."""
+    """The open planner's validation: Min-MSE with 0, 1, 4, 16 pokes (and EPE) and text, beside static and straight."""
     rows = track_rows(planner, vae, items, [0, 1, 4, 16], k, [steps])
     rows += track_rows(planner, vae, items, [0], k, [steps], text=True) if planner.text_proj is not None else []
     out = {("text" if i == len(rows) - 1 else "null" if r["pokes"] == 0 else f"p{r['pokes']}"): r["min"]
@@ -263,17 +247,14 @@ def libero_batch(source, window=16, n_tracks=32, image_size=224, count=16, seed=
 
 @torch.no_grad()
 def libero_scores(planner, vae, batch, k=8, steps=10, seed=0):
-    """Table E per view: K plans of both grids from the task, timestep and start frames, decoded at the view's start
-    points, subsampled to the window (Sec. A): Min-MSE at 128 px beside static, the VAE's reconstruction (the floor)
-    and the planner without its start frames; the direction cosine of one plan and of the reconstruction."""
+    """Table E per view: Min-MSE of K plans (from task, timestep and start frames; in the window, Sec. A) beside static,
+    the VAE's floor and the planner without start frames; the direction cosine of one plan and of the floor."""
     device = next(planner.parameters()).device
     image, gt = batch["image"].to(device), batch["tracks"].to(device)
     W, T, n, gen = len(gt), gt.shape[3], planner.n_latents, torch.Generator().manual_seed(seed)
-    rep = lambda x: x.repeat_interleave(k, 0).to(device)   # noqa: E731
-    conditions = dict(task_emb=rep(batch["task_emb"]), timestep=rep(batch["timestep"]))
-    z = planner.sample(rep(image), steps=steps, generator=gen, **conditions)
+    conditions = {key: batch[key].repeat_interleave(k, 0).to(device) for key in ("image", "task_emb", "timestep")}
     blind = torch.zeros(W * k, dtype=torch.bool, device=device)   # the start frames dropped
-    z_blind = planner.sample(rep(image), steps=steps, generator=gen, image_mask=blind, **conditions)
+    z, z_blind = (planner.sample(steps=steps, generator=gen, image_mask=m, **conditions) for m in (None, blind))
     out = {}
     for v, name in enumerate(VIEWS):
         def decode(grid):   # [W * s, n, C] -> [W, s, N, T, 2]
@@ -281,25 +262,23 @@ def libero_scores(planner, vae, batch, k=8, steps=10, seed=0):
             pred = vae.decode(grid, image[:, v].repeat_interleave(s, 0), gt[:, v, :, 0].repeat_interleave(s, 0))
             return to_window(pred.float(), T).reshape(W, s, *gt.shape[2:])
         rec = decode(vae.encode(image[:, v], resample_time(gt[:, v], vae.cfg.n_frames)[:, :vae.cfg.n_enc])[0])
-        plans = decode(z[:, v * n:(v + 1) * n])
-        preds = dict(min=plans, no_frame=decode(z_blind[:, v * n:(v + 1) * n]),
+        preds = dict(min=decode(z[:, v * n:(v + 1) * n]), no_frame=decode(z_blind[:, v * n:(v + 1) * n]),
                      static=static_baseline(gt[:, v, :, 0], T)[:, None], floor=rec)
         out.update({f"{name}_{c}": trajectory_mse(x, gt[:, v])["min"] for c, x in preds.items()})
-        out.update({f"{name}_direction": direction_cosine(plans[:, 0], gt[:, v]),
+        out.update({f"{name}_direction": direction_cosine(preds["min"][:, 0], gt[:, v]),
                     f"{name}_floor_direction": direction_cosine(rec[:, 0], gt[:, v])})
     return out
 
 def libero_report(planner, vae, data, n_tracks=32, count=16, k=8, steps=10, seed=0):
     """Table E printed and returned: libero_scores on count held-out windows of data."""
     batch = libero_batch(data, planner.cfg.window, n_tracks, vae.cfg.image_size, count, seed)
-    scores = libero_scores(planner, vae, batch, k, steps, seed)
-    print(f"libero (Table E): {len(batch['tracks'])} held-out windows of {planner.cfg.window} frames from {data}, "
-          f"{n_tracks} non-static tracks per view, K = {k}, Min-MSE at 128 px; direction: one plan's cosine with the "
-          "truth")
+    scores, windows = libero_scores(planner, vae, batch, k, steps, seed), len(batch["tracks"])
+    print(f"libero (Table E): {windows} held-out windows of {planner.cfg.window} frames from {data}, {n_tracks} "
+          f"non-static tracks per view, K = {k}, Min-MSE at 128 px; direction: one plan's cosine with the truth")
     cols = ["min", "no_frame", "static", "floor", "direction", "floor_direction"]
     print(table(["view", "planner", "frames dropped", "static", "VAE floor", "direction", "VAE direction"],
                 [[v] + [scores[f"{v}_{c}"] for c in cols] for v in VIEWS]))
-    return dict(scores, windows=len(batch["tracks"]))
+    return dict(scores, windows=windows)
 
 def cmd_libero(args):
     vae, planner = load_pair(args.planner, args.vae, args.device)
@@ -332,9 +311,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     one = lambda text: counts(text)[0]   # noqa: E731
-    for name, run in (("recon", cmd_recon), ("tracks", cmd_tracks), ("libero", cmd_libero)):
+    for name in ("recon", "tracks", "libero"):
         p, lib = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter), name == "libero"
-        p.set_defaults(run=run)
         p.add_argument("--vae", default="out/tiny/vae/ckpt.pt" if name == "recon" else None, help="VAE checkpoint or "
                        "release:NAME" + " (default: the one the planner was trained on)" * (name != "recon"))
         if name != "recon":
@@ -349,16 +327,14 @@ def main(argv=None):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--threads", type=int, default=0, help="CPU threads (0: trainer.set_threads' rule)")
         p.add_argument("--json", help="write the numbers to this file")
-    p = sub.choices["recon"]
-    p.add_argument("--batch", type=one, default=8, help="windows per forward pass")
-    p.add_argument("--visible_only", action="store_true", help="PCK over visible point-frames only")
+    sub.choices["recon"].add_argument("--batch", type=one, default=8, help="windows per forward pass")
+    sub.choices["recon"].add_argument("--visible_only", action="store_true", help="PCK over visible point-frames only")
     p = sub.choices["tracks"]
     p.add_argument("--pokes", type=lambda t: counts(t, dense=True), default=[1, 2, 4, 8, 16, "dense"],
                    help="poke counts; dense = every evaluation track, 0 = none")
     p.add_argument("--text", action="store_true", help="condition on each clip's text")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--poke-guidance", type=float, default=0.0,
-                   help="planner.PokeGuide's strength (ours; 0 = the paper's)")
+    p.add_argument("--poke-guidance", type=float, default=0.0, help="planner.PokeGuide strength (ours; 0: the paper's)")
     p.add_argument("--window", type=one, help="frames per window, the model's subsampled to it (default: the model's)")
     p.add_argument("--batch", type=one, default=4, help="windows per sampling batch (x K samples)")
     args = parser.parse_args(argv)
@@ -368,7 +344,7 @@ def main(argv=None):
     try:
         if args.json:
             check_output(args.json, "--json")
-        out = args.run(args)
+        out = {"recon": cmd_recon, "tracks": cmd_tracks, "libero": cmd_libero}[args.command](args)
         if args.json:
             write_atomically(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
             print(f"wrote {args.json}")
