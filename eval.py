@@ -198,9 +198,9 @@ def track_rows(planner, vae, items, settings, k=8, steps=(10,), guidance=1.0, po
 def planner_scores(planner, vae, items, k=8, steps=10):
     """The open planner's validation: Min-MSE with 0, 1, 4, 16 pokes (and EPE) and text, beside static and straight."""
     rows = track_rows(planner, vae, items, [0, 1, 4, 16], k, [steps])
-    rows += track_rows(planner, vae, items, [0], k, [steps], text=True) if planner.text_proj is not None else []
-    out = {("text" if i == len(rows) - 1 else "null" if r["pokes"] == 0 else f"p{r['pokes']}"): r["min"]
-           for i, r in enumerate(rows) if r["method"] == "planner"}
+    text = track_rows(planner, vae, items, [0], k, [steps], text=True) if planner.text_proj is not None else []
+    out = {("null" if r["pokes"] == 0 else f"p{r['pokes']}"): r["min"] for r in rows if r["method"] == "planner"}
+    out.update({"text": r["min"] for r in text if r["method"] == "planner"})
     out.update({f"EPE_p{r['pokes']}": r["epe"] for r in rows if r["method"] == "planner" and r["pokes"]})
     out.update({f"straight_p{r['pokes']}": r["min"] for r in rows if r["method"] == "straight_to_poke"})
     return dict(out, static=rows[0]["min"])

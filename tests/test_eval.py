@@ -278,6 +278,9 @@ def test_planner_scores_on_linear_motion(micro_checkpoints):
     assert out["static"] == pytest.approx(trajectory_mse(static_baseline(gt[:, :, 0], gt.shape[2])[:, None], gt)["min"])
     assert out["straight_p16"] == pytest.approx(0, abs=1e-6) and out["straight_p1"] < out["static"]
     assert all(out[f"EPE_p{n}"] > 0 for n in (1, 4, 16))
+    planner.text_proj = None   # a planner without text: no text row, each poke row under its own name
+    no_text = evaluation.planner_scores(planner, model, items, k=2, steps=1)
+    assert set(no_text) == set(out) - {"text"} and no_text["p16"] == out["p16"]
 
 
 def test_tracks_command_rows_baselines_steps_and_poke_guidance(micro_checkpoints, tmp_path):
