@@ -3,8 +3,9 @@ unit (x, y) tracks [..., N, T, 2], K samples [..., K, N, T, 2]; PCK at 256 px, M
 
     python3 eval.py recon                                     # AE / MAE reconstruction PCK (Tables G, H)
     python3 eval.py tracks --pokes 1,4,16,dense --steps 1,10  # Min/Mean/Single/MeanT MSE, EPE, K = 8 (Sec. A; Fig. K)
-    python3 eval.py libero --planner out/tiny/planner-libero/ckpt.pt   # Table E on held-out LIBERO windows"""
-import argparse, itertools, json, os, warnings
+    python3 eval.py libero --planner out/tiny/planner-libero/ckpt.pt   # Table E on held-out LIBERO windows
+    python3 eval.py speed --preset tiny                       # the speed benchmark: bench.py, its flags"""
+import argparse, itertools, json, os, sys, warnings
 
 import numpy as np
 import torch
@@ -308,9 +309,14 @@ def counts(text, dense=False):
         raise argparse.ArgumentTypeError(f"expected counts separated by commas{' or dense' * dense}, got {text!r}")
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["speed"]:
+        import bench
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     one = lambda text: counts(text)[0]   # noqa: E731
+    sub.add_parser("speed", help="the speed benchmark (bench.py): python3 bench.py --help")
     for name in ("recon", "tracks", "libero"):
         p, lib = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter), name == "libero"
         p.add_argument("--vae", default="out/tiny/vae/ckpt.pt" if name == "recon" else None, help="VAE checkpoint or "

@@ -458,8 +458,9 @@ def test_benchmark_rows_of_the_tiny_preset(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_bad_flags_are_named(tmp_path):
-    with pytest.raises(SystemExit, match="--budget >= 0"):
-        bench.main(["--budget", "-1"])
+    for run in (bench.main, lambda argv: main(["speed"] + argv)):   # eval.py speed: the same benchmark, flags
+        with pytest.raises(SystemExit, match="--budget >= 0"):
+            run(["--budget", "-1"])
     with pytest.raises(SystemExit, match="--json .*something else is in the way"):
         bench.main(["--json", str(tmp_path)])
     with pytest.raises(SystemExit, match="--preset tiny_robot: expected one of tiny, paper"):
