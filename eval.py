@@ -230,8 +230,8 @@ def cmd_tracks(args):
     keys = ["min", "mean", "single", "meanT", "epe", "min_unpoked", "diversity"]
     print(table(["method", "steps", "pokes", "Min-MSE", "Mean-MSE", "Single-MSE", "MeanT-MSE", "EPE", "unpoked Min-MSE",
                  "diversity"], [[r["method"], r["steps"], r["pokes"]] + [r[k] for k in keys] for r in rows]))
-    return dict(command="tracks", vae=args.vae, planner=args.planner, data=args.data, clips=len(items), k=args.k,
-                window=T, model_frames=vae.cfg.n_frames, n_tracks=args.tracks, text=args.text,
+    return dict(command="tracks", vae=args.vae or planner.cfg.vae, planner=args.planner, data=args.data,
+                clips=len(items), k=args.k, window=T, model_frames=vae.cfg.n_frames, n_tracks=args.tracks, text=args.text,
                 poke_guidance=args.poke_guidance, rows=rows)
 
 # ---------------------------------------------------- libero: Table E, trajectory prediction on held-out LIBERO windows

@@ -100,7 +100,7 @@ def convert(state, model, source, what, device):
     out = {k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v
            for k, v in out.items()}
     missing, unexpected = sorted(set(target) - set(out)), sorted(set(out) - set(target))
-    bad = [k for k in set(out) & set(target) if out[k].shape != target[k].shape]
+    bad = [k for k in sorted(set(out) & set(target)) if out[k].shape != target[k].shape]
     if missing or unexpected or bad:
         raise ValueError(f"{source}: not the release's {what} at these sizes (missing {missing[:4]}, unexpected "
                          f"{unexpected[:4]}, other shapes {bad[:4]})")
