@@ -329,7 +329,7 @@ def test_tracks_command_rows_baselines_steps_and_poke_guidance(micro_checkpoints
     # text, and a window of 4 frames from the model's 8
     text = main(common[:1] + common[3:] + ["--clips", "1", "--pokes", "0", "--steps", "1", "--text", "--window", "4"])
     assert (text["window"], text["model_frames"], text["text"]) == (4, 8, True)
-    assert text["vae"] == load_planner(planner_ckpt).cfg.vae is not None   # without --vae: the planner's own VAE
+    assert text["vae"] is not None and text["vae"] == load_planner(planner_ckpt).cfg.vae   # no --vae: the planner's
     assert [(r["method"], r["pokes"]) for r in text["rows"]] == [("static", 0), ("vae_floor", 0), ("planner", 0)]
     assert text["rows"][-1]["min"] > 0
 
