@@ -327,7 +327,8 @@ def test_tracks_command_rows_baselines_steps_and_poke_guidance(micro_checkpoints
     assert guided["poke_guidance"] == 1 and guided["rows"][0] == rows[("static", None, 1)]
     assert guided["rows"][-1]["epe"] < rows[("planner", 1, 1)]["epe"]
     # text, and a window of 4 frames from the model's 8
-    text = main(common[:1] + common[3:] + ["--clips", "1", "--pokes", "0", "--steps", "1", "--text", "--window", "4"])
+    no_vae = [a for a in common if a not in ("--vae", vae_ckpt)]   # the VAE from the planner's checkpoint
+    text = main(no_vae + ["--clips", "1", "--pokes", "0", "--steps", "1", "--text", "--window", "4"])
     assert (text["window"], text["model_frames"], text["text"]) == (4, 8, True)
     assert text["vae"] is not None and text["vae"] == load_planner(planner_ckpt).cfg.vae   # no --vae: the planner's
     assert [(r["method"], r["pokes"]) for r in text["rows"]] == [("static", 0), ("vae_floor", 0), ("planner", 0)]
